@@ -1,0 +1,247 @@
+"""Structured configuration: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+Every field carries a docstring (the string literal under it) so `--help`-style tooling and readers
+see what a key means. Validation lives in :mod:`longpo_megatron.config_validation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Mistral / Llama / Qwen2-family decoder (RMSNorm, SwiGLU, GQA, RoPE)."""
+
+    name: str = "tiny"
+    """Human-readable model name (used in logs and exported metadata)."""
+    family: str = "llama"
+    """Architecture family: llama | mistral | qwen2 (decides HF export naming, QKV bias default)."""
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int = 160
+    """SwiGLU inner width (per gate and per up projection)."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int = 2
+    """Key/value heads (GQA groups); equal to num_attention_heads means plain MHA."""
+    kv_channels: Optional[int] = None
+    """Head dimension; null means hidden_size // num_attention_heads."""
+    vocab_size: int = 264
+    """Vocabulary size of the embedding and output layers (must be divisible by TP)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is built for (RoPE tables are computed on the fly)."""
+    rotary_base: float = 10000.0
+    """RoPE θ of the POLICY. LongPO raises it (1e7 at 128K) for length extension."""
+    reference_rotary_base: Optional[float] = None
+    """RoPE θ of the frozen REFERENCE (the original model's θ); null means same as rotary_base."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    add_qkv_bias: bool = False
+    """Bias on the fused QKV projection (Qwen2 has it; Llama/Mistral do not)."""
+    tie_word_embeddings: bool = False
+    """Share input embedding and output layer weights (all supported 7B models untie them)."""
+    init_method_std: float = 0.02
+    """Std of the normal init for random (non-loaded) weights."""
+    attention_backend: str = "auto"
+    """Core attention: auto (TE on CUDA when importable, else local) | local | te."""
+    recompute: str = "none"
+    """Activation recomputation: none | selective (core attention) | full (whole layers)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout. world = TP * PP * CP * DP (megatron order tp-cp-dp-pp)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: shards heads, MLP width and vocabulary across ranks."""
+    pipeline_model_parallel_size: int = 1
+    """PP: splits layers into consecutive stages; the loss lives on the last stage."""
+    context_parallel_size: int = 1
+    """CP: splits each sequence into 2*CP load-balanced chunks across ranks."""
+    data_parallel_size: Optional[int] = None
+    """DP; null derives it as world // (TP*PP*CP) and the product must then be exact."""
+    sequence_parallel: Optional[bool] = None
+    """Megatron sequence parallelism inside TP regions; null = on for GPU with TP>1, off on CPU."""
+    cp_comm_type: str = "p2p"
+    """TransformerEngine context-parallel communication: p2p | a2a | all_gather."""
+    engine: str = "auto"
+    """Training engine: auto (gpu when CUDA is available) | cpu | gpu."""
+    distributed_backend: Optional[str] = None
+    """torch.distributed backend; null = nccl on GPU, gloo on CPU."""
+    timeout_minutes: int = 30
+    """Collective timeout before a hung rank errors out."""
+
+
+@dataclass
+class LongPOConfig:
+    """The objective: L = NLL(chosen long sequence) + lam * preference(Δ)."""
+
+    loss: str = "longpo"
+    """longpo (reference on short prompts) | dpo (reference on the long prompt) | sft | sft_kl."""
+    preference_loss: str = "sigmoid"
+    """Preference term on Δ: sigmoid (-log σ(Δ)) | ipo | hinge."""
+    beta: float = 0.01
+    """β scaling the log-ratio difference Δ (authors' code: 0.01; paper text: 0.1)."""
+    lam: float = 0.01
+    """λ weighting the preference term against the NLL term (authors' code: 0.01)."""
+    nll_scope: str = "full"
+    """Tokens of the chosen long sequence the NLL averages: full (every real token) | responses."""
+    logits_chunk_size: int = 1024
+    """Positions per output-layer chunk; bounds logits memory to chunk x vocab/TP."""
+
+
+@dataclass
+class ReferenceConfig:
+    """Where Σ log π_ref(y|x_S) comes from."""
+
+    mode: str = "initial_policy"
+    """initial_policy: score every record once at start with the frozen initial weights
+    (at the reference RoPE θ)."""
+    micro_batch_size: int = 4
+    """Short sequences per forward pass when scoring the reference."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay, global grad-norm clipping."""
+
+    lr: float = 5.0e-7
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """AdamW β1."""
+    adam_beta2: float = 0.95
+    """AdamW β2."""
+    adam_eps: float = 1.0e-8
+    """AdamW ε."""
+    warmup_fraction: float = 0.1
+    """Fraction of train.train_iters used for linear warm-up."""
+    lr_decay_style: str = "cosine"
+    """cosine | constant | linear."""
+    clip_grad: float = 1.0
+    """Global L2 grad-norm clip (0 disables clipping; the norm is still reported)."""
+    use_distributed_optimizer: bool = True
+    """GPU engine: shard optimizer state over DP (Megatron distributed optimizer)."""
+
+
+@dataclass
+class DataConfig:
+    """Preference records and their tokenization."""
+
+    path: str = "${oc.env:LONGPO_ROOT,.}/data/toy/preference.jsonl"
+    """JSONL file of LongPO records (schema in docs/data-format.md)."""
+    tokenizer: str = "byte"
+    """byte (project byte-level chat tokenizer) | a local HF tokenizer directory."""
+    max_seq_length: int = 1024
+    """Longest tokenized LONG sequence (document + all turns)."""
+    max_ref_seq_length: int = 512
+    """Longest tokenized SHORT per-turn reference sequence."""
+    over_length_policy: str = "error"
+    """A record over a length limit: error (stop, naming it) | skip (count it in the report)."""
+    shuffle: bool = True
+    """Shuffle record order each epoch (seeded by train.seed)."""
+
+
+@dataclass
+class TrainConfig:
+    """Step loop and batch geometry (a batch item is one chosen/rejected pair)."""
+
+    train_iters: int = 20
+    """Optimizer steps."""
+    micro_batch_size: int = 1
+    """Pairs per micro-batch per DP rank (chosen and rejected always travel together)."""
+    global_batch_size: int = 2
+    """Pairs per optimizer step across DP ranks = micro_batch * grad_accum * DP."""
+    gradient_accumulation_steps: Optional[int] = None
+    """Micro-batches per step per DP rank; null derives it from global_batch_size."""
+    seed: int = 1234
+    """Seed for weights, data order and dropout."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+    log_interval: int = 1
+    """Print and log metrics every N steps."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    save: Optional[str] = None
+    """Directory for checkpoints; null disables saving."""
+    save_interval: int = 0
+    """Save every N steps (0 = only at the end when save is set)."""
+    load: Optional[str] = None
+    """Directory to resume from (its `latest` checkpoint); null starts fresh."""
+    keep_last: int = 2
+    """Checkpoints to keep."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    output_dir: str = "outputs/run"
+    """Run directory (resolved config, TensorBoard events)."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under output_dir/tb."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project; null disables W&B."""
+    wandb_run_name: Optional[str] = None
+    """W&B run name; null lets W&B choose."""
+
+
+@dataclass
+class Config:
+    """Root config composed by Hydra from conf/config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    longpo: LongPOConfig = field(default_factory=LongPOConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    defaults: list[Any] = field(default_factory=list)
+    """Hydra defaults list (kept so structured-config validation accepts it)."""
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "longpo": LongPOConfig,
+    "reference": ReferenceConfig,
+    "optim": OptimConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schema so Hydra type-checks every YAML and override against it."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="longpo_schema", node=Config)
+    for group, node in GROUPS.items():
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def to_config(cfg: Any) -> Config:
+    """Turn a composed DictConfig into a typed :class:`Config` (unknown keys are an error)."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, Config)
+    return obj

@@ -1,0 +1,128 @@
+"""Records to token ids: the long policy sequences and the short per-turn reference sequences.
+
+Long sequence (policy): first user turn = document + "\\n\\n" + instruction_1, later user turns
+= instruction_i; assistant turns = chosen_i (chosen sequence) or rejected_i (rejected sequence).
+Short sequence of turn i (reference): user = short_context_i + "\\n\\n" + instruction_i,
+assistant = response_i. Sequences over a length limit are never truncated: they are an error
+(or, with the skip policy, counted and skipped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+from longpo_megatron.data.records import POLICIES, DataReport, PreferenceRecord, RecordError
+from longpo_megatron.data.tokenizer import ChatTokenizer, render_chat
+
+ShortSeq = tuple[list[int], list[bool]]
+"""A short reference sequence: (ids, per-token response mask)."""
+
+
+@dataclass
+class TokenizedPair:
+    """One chosen/rejected pair ready for collation (masks are per TOKEN, not per label)."""
+
+    index: int
+    """Dataset index of the pair."""
+    chosen: list[int]
+    rejected: list[int]
+    chosen_response_mask: list[bool]
+    rejected_response_mask: list[bool]
+    ref_chosen: list[ShortSeq] = field(default_factory=list)
+    """Per turn: short-context sequence with the chosen response."""
+    ref_rejected: list[ShortSeq] = field(default_factory=list)
+    """Per turn: short-context sequence with the rejected response."""
+    record_id: str = ""
+
+
+def long_pairs(record: PreferenceRecord, side: str) -> list[tuple[str, str]]:
+    """(user, assistant) pairs of the long sequence; ``side`` is ``chosen`` or ``rejected``."""
+    pairs = []
+    for i, turn in enumerate(record.turns):
+        user = f"{record.document}\n\n{turn.instruction}" if i == 0 else turn.instruction
+        pairs.append((user, getattr(turn, side)))
+    return pairs
+
+
+def short_pairs(record: PreferenceRecord, turn_index: int, side: str) -> list[tuple[str, str]]:
+    """The single (user, assistant) pair of turn ``turn_index``'s short reference sequence."""
+    turn = record.turns[turn_index]
+    return [(f"{turn.short_context}\n\n{turn.instruction}", getattr(turn, side))]
+
+
+def _over_length(record: PreferenceRecord, what: str, length: int, limit: int) -> RecordError:
+    return RecordError(
+        "over_length",
+        f"{what} has {length} tokens, over the limit of {limit} (records are never truncated)",
+        line=record.line,
+        record_id=record.id,
+    )
+
+
+def tokenize_record(
+    record: PreferenceRecord,
+    index: int,
+    tokenizer: ChatTokenizer,
+    max_seq_length: int,
+    max_ref_seq_length: int,
+) -> TokenizedPair:
+    """Tokenize one record; raises :class:`RecordError` (reason ``over_length``) when too long."""
+    long: dict[str, ShortSeq] = {}
+    for side in ("chosen", "rejected"):
+        ids, mask = render_chat(tokenizer, long_pairs(record, side))
+        if len(ids) > max_seq_length:
+            raise _over_length(record, f"{side} long sequence", len(ids), max_seq_length)
+        long[side] = (ids, mask)
+    short: dict[str, list[ShortSeq]] = {"chosen": [], "rejected": []}
+    for i in range(len(record.turns)):
+        for side in ("chosen", "rejected"):
+            ids, mask = render_chat(tokenizer, short_pairs(record, i, side))
+            if len(ids) > max_ref_seq_length:
+                what = f"{side} short reference sequence of turn {i}"
+                raise _over_length(record, what, len(ids), max_ref_seq_length)
+            short[side].append((ids, mask))
+    return TokenizedPair(
+        index=index,
+        chosen=long["chosen"][0],
+        rejected=long["rejected"][0],
+        chosen_response_mask=long["chosen"][1],
+        rejected_response_mask=long["rejected"][1],
+        ref_chosen=short["chosen"],
+        ref_rejected=short["rejected"],
+        record_id=record.id,
+    )
+
+
+def tokenize_records(
+    records: Sequence[PreferenceRecord],
+    tokenizer: ChatTokenizer,
+    max_seq_length: int,
+    max_ref_seq_length: int,
+    policy: str = "error",
+    report: Optional[DataReport] = None,
+) -> tuple[list[TokenizedPair], DataReport]:
+    """Tokenize records in order; kept pairs get contiguous dataset indices 0..n-1.
+
+    ``policy="error"`` re-raises the first over-length record; ``"skip"`` counts it in the report
+    (``report.records_ok`` is updated to the number of kept pairs).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"over-length policy must be one of {POLICIES}, got {policy!r}")
+    report = report if report is not None else DataReport()
+    pairs: list[TokenizedPair] = []
+    for record in records:
+        try:
+            pair = tokenize_record(
+                record, len(pairs), tokenizer, max_seq_length, max_ref_seq_length
+            )
+        except RecordError as err:
+            located = err.located(path=report.path or None)
+            if policy == "error":
+                raise located from None
+            report.add_skip(located)
+            continue
+        pairs.append(pair)
+    report.records_ok = len(pairs)
+    return pairs, report

@@ -1,0 +1,136 @@
+"""Rank-aware LongPO loss layer: turns a stage's hidden states + a micro-batch into the loss.
+
+This wrapper owns every cross-rank reduction; the math is in :mod:`.objective`:
+- TP: log-probs come from the vocab-parallel output layer (:mod:`.logprobs`).
+- CP: each rank sums its own tokens; per-sequence partial sums are all-reduced over the CP
+  group (forward sum, identity backward), so every CP rank sees the full sums and gradients
+  flow to the tokens each rank holds.
+- DP / micro-batches: the returned loss is the mean over this micro-batch's pairs; the schedule
+  divides by the number of micro-batches and the engine averages gradients over DP×CP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from torch import Tensor
+
+from longpo_megatron.config import LongPOConfig
+from longpo_megatron.loss.logprobs import token_logprobs
+from longpo_megatron.loss.objective import PairSums, longpo_objective
+
+METRIC_KEYS = (
+    "loss",
+    "nll",
+    "pref_loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracy",
+    "logps/policy_chosen",
+    "logps/policy_rejected",
+    "logps/ref_chosen",
+    "logps/ref_rejected",
+)
+
+
+@dataclass
+class LossGroups:
+    """The groups the loss reduces over."""
+
+    tp: dist.ProcessGroup
+    cp: dist.ProcessGroup
+    sequence_parallel: bool = False
+
+
+def sequence_sums(
+    logp: Tensor, batch: dict[str, Tensor], nll_scope: str, cp: dist.ProcessGroup
+) -> PairSums:
+    """Per-pair sums from per-token log-probs ``[2B, s]`` (rows: B chosen then B rejected)."""
+    resp = batch["response_mask"].to(logp.dtype)
+    nll_mask = (batch["real_mask"] if nll_scope == "full" else batch["response_mask"]).to(
+        logp.dtype
+    )
+    pairs = logp.shape[0] // 2
+    resp_sums = (logp * resp).sum(-1)
+    nll_sum = -(logp[:pairs] * nll_mask[:pairs]).sum(-1)
+    count = nll_mask[:pairs].sum(-1)
+    stacked = torch.cat([resp_sums, nll_sum, count])
+    if cp.size() > 1:
+        stacked = reduce_from_tensor_model_parallel_region(stacked, group=cp)
+    resp_sums, nll_sum, count = stacked.split([2 * pairs, pairs, pairs])
+    ref = batch["ref_logps"].to(logp.dtype)
+    return PairSums(
+        policy_chosen=resp_sums[:pairs],
+        policy_rejected=resp_sums[pairs:],
+        ref_chosen=ref[:pairs],
+        ref_rejected=ref[pairs:],
+        nll_sum=nll_sum,
+        nll_count=count,
+    )
+
+
+def logit_positions(batch: dict[str, Tensor], nll_scope: str, variant: str) -> Tensor:
+    """Which label positions need the output layer: responses everywhere, plus all real
+    tokens of chosen rows under ``nll_scope=full``; rejected rows are skipped for ``sft``."""
+    select = batch["response_mask"].bool().clone()
+    pairs = select.shape[0] // 2
+    if nll_scope == "full":
+        select[:pairs] |= batch["real_mask"][:pairs].bool()
+    if variant == "sft":
+        select[pairs:] = False
+    return select
+
+
+class LongPOLossLayer:
+    """Callable ``(hidden, batch, output_weight) -> (loss, metrics)`` for the last stage."""
+
+    def __init__(self, cfg: LongPOConfig, groups: LossGroups) -> None:
+        self.cfg = cfg
+        self.groups = groups
+
+    def __call__(
+        self, hidden: Tensor, batch: dict[str, Tensor], output_weight: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        select = logit_positions(batch, cfg.nll_scope, cfg.loss)
+        logp = token_logprobs(
+            hidden,
+            output_weight,
+            batch["labels"],
+            select,
+            cfg.logits_chunk_size,
+            self.groups.tp,
+            self.groups.sequence_parallel,
+        )
+        sums = sequence_sums(logp, batch, cfg.nll_scope, self.groups.cp)
+        per_pair, metrics = longpo_objective(sums, cfg.beta, cfg.lam, cfg.preference_loss, cfg.loss)
+        reduced = {k: metrics[k].sum().reshape(1) for k in METRIC_KEYS}
+        reduced["pairs"] = torch.tensor([float(per_pair.numel())], device=per_pair.device)
+        return per_pair.mean(), reduced
+
+
+def sequence_logps(
+    hidden: Tensor,
+    batch: dict[str, Tensor],
+    output_weight: Tensor,
+    chunk_size: int,
+    groups: LossGroups,
+) -> Tensor:
+    """Σ response-token log-probs per row (reference scoring; no NLL, no pairs)."""
+    logp = token_logprobs(
+        hidden,
+        output_weight,
+        batch["labels"],
+        batch["response_mask"].bool(),
+        chunk_size,
+        groups.tp,
+        groups.sequence_parallel,
+    )
+    sums = (logp * batch["response_mask"].to(logp.dtype)).sum(-1)
+    if groups.cp.size() > 1:
+        sums = reduce_from_tensor_model_parallel_region(sums, group=groups.cp)
+    return sums

@@ -1,0 +1,145 @@
+"""The policy/reference network: a megatron-core ``GPTModel`` built from the project's specs.
+
+:class:`LongPOGPTModel` returns final-normed hidden states on the last pipeline stage instead of
+logits, so the loss layer can apply the output layer only at positions whose labels count, in
+chunks (no ``[sequence x vocab]`` tensor is ever made).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from longpo_megatron.config import ModelConfig
+from longpo_megatron.distributed import ParallelGroups
+from longpo_megatron.model.rope import DeviceAgnosticRotaryEmbedding
+from longpo_megatron.model.spec import layer_spec
+
+
+@dataclass
+class ModelLayout:
+    """What the model builder needs to know about the resolved run layout."""
+
+    tp: int
+    pp: int
+    cp: int
+    sequence_parallel: bool
+    attention_backend: str
+    """local | te"""
+    engine: str
+    """cpu | gpu"""
+    precision: str
+    """fp32 | bf16"""
+
+
+class LongPOGPTModel(GPTModel):
+    """``GPTModel`` whose last stage yields hidden states; RoPE that stays on the model's device."""
+
+    def __init__(self, *args, rotary_base: float = 10000.0, **kwargs) -> None:
+        super().__init__(*args, rotary_base=rotary_base, **kwargs)
+        if self.position_embedding_type == "rope":
+            old = self.rotary_pos_emb
+            self.rotary_pos_emb = DeviceAgnosticRotaryEmbedding(
+                kv_channels=self.config.kv_channels,
+                rotary_percent=self.rotary_percent,
+                rotary_interleaved=self.config.rotary_interleaved,
+                seq_len_interpolation_factor=old.seq_len_interpolation_factor,
+                rotary_base=rotary_base,
+                use_cpu_initialization=True,
+                cp_group=self.pg_collection.cp,
+            )
+
+    def _postprocess(self, hidden_states: Tensor, **kwargs) -> Tensor:  # noqa: D102
+        return hidden_states
+
+    def output_weight(self) -> Tensor:
+        """The (vocab-parallel) output projection ``[vocab/TP, hidden]`` used by the loss layer."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+
+def transformer_config(
+    m: ModelConfig, layout: ModelLayout, recompute_layers: Optional[int] = None
+) -> TransformerConfig:
+    """megatron ``TransformerConfig`` for a Mistral/Llama/Qwen2-family model."""
+    bf16 = layout.precision == "bf16"
+    on_gpu = layout.engine == "gpu"
+    recompute = {}
+    if on_gpu and m.recompute == "full":
+        recompute = dict(
+            recompute_granularity="full",
+            recompute_method="uniform",
+            recompute_num_layers=recompute_layers or 1,
+        )
+    elif on_gpu and m.recompute == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
+        **recompute,
+    )
+
+
+def build_model(
+    m: ModelConfig,
+    layout: ModelLayout,
+    groups: ParallelGroups,
+    rotary_base: Optional[float] = None,
+) -> LongPOGPTModel:
+    """Build this rank's pipeline stage of the model (weights initialised from the global seed).
+
+    ``rotary_base`` overrides ``m.rotary_base`` (the reference keeps the original θ).
+    """
+    config = transformer_config(m, layout)
+    model = LongPOGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(layout.attention_backend, m.recompute),
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=m.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=rotary_base if rotary_base is not None else m.rotary_base,
+        pg_collection=groups.pg_collection,
+    )
+    if layout.engine == "gpu":
+        model = model.cuda(torch.cuda.current_device())
+        model.rotary_pos_emb.to_device(next(model.parameters()).device)
+    return model

@@ -1,0 +1,57 @@
+"""megatron's ``forward_step`` contract, shared by the CPU schedule and Megatron's schedules.
+
+``forward_step(data_iterator, model) -> (output_tensor, loss_func)``; on the last pipeline stage
+the schedule calls ``loss_func(output_tensor) -> (loss, metrics)`` (the 2-tuple form: the schedule
+multiplies by the CP size and divides by the number of micro-batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from longpo_megatron.loss.layer import LongPOLossLayer, LossGroups, sequence_logps
+
+Batch = dict[str, Tensor]
+ForwardStep = Callable[[Iterator[Batch], torch.nn.Module], tuple[Tensor, Callable]]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The innermost model under DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _run_model(model: torch.nn.Module, batch: Batch) -> Tensor:
+    return model(batch["tokens"], batch["position_ids"], None)
+
+
+def make_train_forward_step(loss_layer: LongPOLossLayer) -> ForwardStep:
+    """forward_step computing the LongPO loss and its metrics on the last stage."""
+
+    def loss_func(batch: Batch, model: torch.nn.Module, hidden: Tensor):
+        return loss_layer(hidden, batch, unwrap(model).output_weight())
+
+    def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        return _run_model(model, batch), partial(loss_func, batch, model)
+
+    return forward_step
+
+
+def make_scoring_forward_step(chunk_size: int, groups: LossGroups) -> ForwardStep:
+    """forward_step returning Σ response log-probs per row (``{"logps", "owner"}``)."""
+
+    def loss_func(batch: Batch, model: torch.nn.Module, hidden: Tensor):
+        sums = sequence_logps(hidden, batch, unwrap(model).output_weight(), chunk_size, groups)
+        return sums.sum() * 0.0, {"logps": sums.detach(), "owner": batch["owner"]}
+
+    def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        return _run_model(model, batch), partial(loss_func, batch, model)
+
+    return forward_step

@@ -1,0 +1,43 @@
+"""``longpo-train`` / ``python -m longpo_megatron.train``: parse, validate, build, run, close.
+
+Launch with torchrun, e.g. ``torchrun --nproc-per-node 2 -m longpo_megatron.train
+parallel=tp2``; any config key can be overridden Hydra-style (``longpo.beta=0.1``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from longpo_megatron.config import register_configs, to_config
+from longpo_megatron.config_validation import validate_config
+from longpo_megatron.trainer import Trainer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("LONGPO_ROOT", str(REPO_ROOT))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _hydra_main(dcfg: DictConfig) -> None:
+    cfg = to_config(dcfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = validate_config(cfg, world_size=world, cuda_available=torch.cuda.is_available())
+    trainer = Trainer(cfg, layout)
+    try:
+        trainer.setup().run()
+    finally:
+        trainer.close()
+
+
+def main() -> None:
+    """Console entry point."""
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
