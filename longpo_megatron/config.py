@@ -81,7 +81,7 @@ class LongPOConfig:
     """The objective: L = NLL(chosen long sequence) + lam * preference(Δ)."""
 
     loss: str = "longpo"
-    """longpo (reference on short prompts) | dpo (reference on the long prompt) | sft | sft_kl."""
+    """longpo (reference on short prompts) | dpo (reference on the long prompt) | sft (NLL only)."""
     preference_loss: str = "sigmoid"
     """Preference term on Δ: sigmoid (-log σ(Δ)) | ipo | hinge."""
     beta: float = 0.01
@@ -237,10 +237,30 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
+def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Dotted keys of ``node`` (a mapping) that the dataclass ``schema`` does not declare."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    out = []
+    for key in node:
+        name = f"{prefix}{key}"
+        if key not in fields:
+            out.append(name)
+            continue
+        sub = fields[key].default_factory  # nested group dataclasses use default_factory
+        if dataclasses.is_dataclass(sub) and hasattr(node[key], "keys"):
+            out += unknown_keys(node[key], sub, prefix=f"{name}.")
+    return out
+
+
 def to_config(cfg: Any) -> Config:
     """Turn a composed DictConfig into a typed :class:`Config` (unknown keys are an error)."""
     from omegaconf import OmegaConf
 
+    extra = [k for k in unknown_keys(cfg, Config) if k != "hydra" and not k.startswith("hydra.")]
+    if extra:
+        raise ValueError(f"unknown config key(s) {extra}: not in the schema (longpo_megatron/config.py)")
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, Config)

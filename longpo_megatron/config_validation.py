@@ -24,7 +24,7 @@ ALLOWED: dict[str, tuple[Any, ...]] = {
     "parallel.cp_comm_type": ("p2p", "a2a", "all_gather"),
     "parallel.engine": ("auto", "cpu", "gpu"),
     "parallel.distributed_backend": (None, "nccl", "gloo"),
-    "longpo.loss": ("longpo", "dpo", "sft", "sft_kl"),
+    "longpo.loss": ("longpo", "dpo", "sft"),
     "longpo.preference_loss": ("sigmoid", "ipo", "hinge"),
     "longpo.nll_scope": ("full", "responses"),
     "reference.mode": ("initial_policy",),
