@@ -260,7 +260,9 @@ def to_config(cfg: Any) -> Config:
 
     extra = [k for k in unknown_keys(cfg, Config) if k != "hydra" and not k.startswith("hydra.")]
     if extra:
-        raise ValueError(f"unknown config key(s) {extra}: not in the schema (longpo_megatron/config.py)")
+        raise ValueError(
+            f"unknown config key(s) {extra}: not in the schema (longpo_megatron/config.py)"
+        )
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, Config)
