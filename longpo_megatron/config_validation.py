@@ -175,10 +175,10 @@ def _resolve_precision(cfg: Config, engine: str, cuda_available: bool) -> str:
     return precision
 
 
-def _resolve_sequence_parallel(cfg: Config, engine: str) -> bool:
+def _resolve_sequence_parallel(cfg: Config, engine: str, attention: str) -> bool:
     sp, tp = cfg.parallel.sequence_parallel, cfg.parallel.tensor_model_parallel_size
     if sp is None:
-        return engine == "gpu" and tp > 1
+        return engine == "gpu" and tp > 1 and attention == "te"
     if sp and engine != "gpu":
         raise ConfigError(
             "parallel.sequence_parallel=True on the cpu engine: megatron's sequence parallel "
@@ -188,6 +188,12 @@ def _resolve_sequence_parallel(cfg: Config, engine: str) -> bool:
         raise ConfigError(
             "parallel.sequence_parallel=True with parallel.tensor_model_parallel_size=1: "
             "sequence parallelism needs tensor parallelism (TP > 1)"
+        )
+    if sp and attention != "te":
+        raise ConfigError(
+            f"parallel.sequence_parallel=True with model.attention_backend resolved to "
+            f"{attention!r}: sequence parallelism needs the TransformerEngine spec (megatron's "
+            "torch norms refuse it); use model.attention_backend=te or sequence_parallel=false"
         )
     return bool(sp)
 
@@ -331,7 +337,7 @@ def validate_config(cfg: Config, world_size: int, cuda_available: bool) -> Resol
     engine = _resolve_engine(cfg, cuda_available)
     attention = _resolve_attention(cfg, engine, cuda_available)
     precision = _resolve_precision(cfg, engine, cuda_available)
-    sp = _resolve_sequence_parallel(cfg, engine)
+    sp = _resolve_sequence_parallel(cfg, engine, attention)
     _check_backend(cfg, engine)
     _check_model_sharding(cfg)
     dp = _resolve_dp(cfg, world_size)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from longpo_megatron.config import Config
+from longpo_megatron.context_parallel import split_batch
 from longpo_megatron.data.collate import collate_short
 from longpo_megatron.data.dataset import PreferenceDataset
 from longpo_megatron.data.tokenize import ShortSeq
@@ -72,7 +73,11 @@ def score_reference(
     mbs = cfg.reference.micro_batch_size
     batches = [
         _to(
-            collate_short(seqs[lo : lo + mbs], pad_id, pad_to_multiple, owners[lo : lo + mbs]),
+            split_batch(
+                collate_short(seqs[lo : lo + mbs], pad_id, pad_to_multiple, owners[lo : lo + mbs]),
+                groups.cp_rank,
+                groups.cp_size,
+            ),
             param.device,
         )
         for lo in range(0, len(seqs), mbs)

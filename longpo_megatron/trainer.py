@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from longpo_megatron import distributed
 from longpo_megatron.config import Config
 from longpo_megatron.config_validation import ResolvedLayout
+from longpo_megatron.context_parallel import split_batch
 from longpo_megatron.data.collate import collate_pairs
 from longpo_megatron.data.dataset import load_dataset
 from longpo_megatron.data.sampler import PairSampler, slice_for_dp
@@ -121,6 +122,8 @@ class Trainer:
                 self.layout.seq_multiple,
                 self.dataset.ref_logps_for(chunk),
             )
+            batch["num_tokens"] = batch["real_mask"].sum() + batch["tokens"].shape[0]
+            batch = split_batch(batch, self.groups.cp_rank, self.groups.cp_size)
             out.append({k: v.to(self.device) for k, v in batch.items()})
         return out
 
@@ -139,7 +142,7 @@ class Trainer:
         values = reduce_step_metrics(result.metrics, self.groups.dp)
         if values is None:
             return None
-        tokens = sum(float(b["real_mask"].sum()) + b["tokens"].shape[0] for b in batches)
+        tokens = sum(float(b["num_tokens"]) for b in batches)
         values |= {
             "lr": lr,
             "grad_norm": result.grad_norm,

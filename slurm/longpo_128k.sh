@@ -61,7 +61,7 @@ else
   LOAD_DIR="${INIT_CKPT}"
 fi
 
-MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
+MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | sed -n 1p)"  # sed reads all input: no SIGPIPE under pipefail
 MOUNTS="${REPO}:/workspace/longpo,$(dirname "${DATA}"),${HF_TOKENIZER},${CKPT_DIR}"
 MOUNTS+=",${INIT_CKPT},${OUT_DIR}"
 export MASTER_ADDR

@@ -81,7 +81,7 @@ def needs_cuda(cfg: Config) -> bool:
 
 def test_conf_groups_match_schema() -> None:
     dirs = {p.name for p in CONF.iterdir() if p.is_dir()}
-    assert dirs == set(GROUPS) | {"experiment"}
+    assert dirs == set(GROUPS) | {"experiment", "datagen"}  # datagen: tests/datagen
     assert all(options(g) for g in GROUPS)
 
 
@@ -98,7 +98,7 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_composes_and_validates(experiment: str) -> None:
+def test_every_experiment_composes_and_validates(experiment: str, with_te) -> None:
     cfg = compose_config([f"experiment={experiment}", *PLACEHOLDERS])
     assert cfg.model.name != "tiny" and cfg.data.path == "/placeholder/data.jsonl"
     layout = validate_config(cfg, implied_world(cfg), cuda_available=True)
@@ -289,7 +289,7 @@ def test_max_seq_length_divisible_by_cp_chunks() -> None:
     refused(cfg, 2, False, "data.max_seq_length=1022", "sequence multiple 4", "2*CP = 2*2")
 
 
-def test_max_seq_length_divisible_by_cp_chunks_times_tp_under_sequence_parallel(no_te) -> None:
+def test_max_seq_length_divisible_by_cp_chunks_times_tp_under_sequence_parallel(with_te) -> None:
     cfg = make(
         **{
             "parallel.context_parallel_size": 2,
@@ -320,7 +320,7 @@ def test_max_seq_length_divisible_by_cp_chunks_times_tp_under_sequence_parallel(
         (2, 4, True, 16),
     ],
 )
-def test_seq_multiple(tp: int, cp: int, cuda: bool, multiple: int, no_te) -> None:
+def test_seq_multiple(tp: int, cp: int, cuda: bool, multiple: int, with_te) -> None:
     cfg = make(**{"parallel.tensor_model_parallel_size": tp, "parallel.context_parallel_size": cp})
     assert validate_config(cfg, tp * cp, cuda).seq_multiple == multiple
 
@@ -520,5 +520,10 @@ def test_auto_values_resolve(te: bool, monkeypatch: pytest.MonkeyPatch) -> None:
         False,
     )
     gpu = validate_config(cfg, 2, True)
-    assert (gpu.engine, gpu.precision, gpu.sequence_parallel) == ("gpu", "bf16", True)
+    assert (gpu.engine, gpu.precision, gpu.sequence_parallel) == ("gpu", "bf16", te)
     assert gpu.attention_backend == ("te" if te else "local")
+
+
+def test_sequence_parallel_needs_the_te_spec(no_te) -> None:
+    cfg = make(**{"parallel.sequence_parallel": True, "parallel.tensor_model_parallel_size": 2})
+    refused(cfg, 2, True, "parallel.sequence_parallel=True", "TransformerEngine spec")

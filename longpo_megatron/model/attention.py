@@ -2,8 +2,19 @@
 
 It plugs into megatron's ``SelfAttentionSubmodules.core_attention`` seam. megatron's own
 ``DotProductAttention`` needs CUDA buffers and refuses context parallelism; TransformerEngine is
-GPU-only. This module uses ``torch.nn.functional.scaled_dot_product_attention`` so the same code
-is the CPU path and a real CUDA path in the GPU test tier.
+GPU-only. The same code is the CPU path and a real CUDA path in the GPU test tier:
+
+- plain causal, no CP: ``scaled_dot_product_attention(is_causal=True)`` (flash kernels on CPU
+  and CUDA, O(S) memory);
+- an :class:`AttentionMask` (segments / branches) or context parallelism: keys and values are
+  all-gathered over the CP group and :func:`blockwise_attention` runs with recomputation.
+
+Why all-gather rather than a ring on this path: with GQA the gathered K/V of a layer is
+``2·S·ng·hn`` values — for Mistral/Qwen (ng·hn = 1024/512, h = 4096/3584) that is ≤ 1/4 of a
+single ``[S, h]`` activation, transient (freed after the layer; recomputed K/V are re-gathered),
+and the blockwise kernel never materialises scores beyond ``block_q × block_k``. Per-rank
+activation memory therefore still falls ~1/CP. A ring would save the remaining K/V buffer at the
+cost of 2·CP sequential exchanges per layer; on GPUs TransformerEngine's p2p ring does that.
 """
 
 from __future__ import annotations
@@ -19,6 +30,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from longpo_megatron.context_parallel import gather_sequence
+from longpo_megatron.model.attention_mask import AttentionMask
+from longpo_megatron.model.blockwise_attention import blockwise_attention
 
 
 class LocalCoreAttention(MegatronModule):
@@ -43,11 +58,7 @@ class LocalCoreAttention(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "LocalCoreAttention: context_parallel_size must be 1 (this attention does not "
-                "exchange keys/values across CP ranks)"
-            )
+        self.cp_group = pg_collection.cp if pg_collection is not None else None
         self.attn_mask_type = attn_mask_type
         head_dim = config.kv_channels
         self.softmax_scale = (
@@ -79,6 +90,37 @@ class LocalCoreAttention(MegatronModule):
         return self._attend(query, key, value, attention_mask, mask_type)
 
     def _attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        mask_type: AttnMaskType,
+    ) -> Tensor:
+        cp = self.cp_group.size() if self.cp_group is not None else 1
+        if isinstance(attention_mask, AttentionMask):
+            return self._attend_blockwise(query, key, value, attention_mask)
+        if cp > 1:
+            raise ValueError(
+                "LocalCoreAttention: context parallelism needs an AttentionMask carrying this "
+                "rank's token indices (context_parallel.split_batch adds it)"
+            )
+        return self._attend_sdpa(query, key, value, attention_mask, mask_type)
+
+    def _attend_blockwise(
+        self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask
+    ) -> Tensor:
+        sq, b, nh, hn = query.shape
+        if mask.query_index is not None:
+            key = gather_sequence(key, mask.query_index, self.cp_group)
+            value = gather_sequence(value, mask.query_index, self.cp_group)
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        out = blockwise_attention(q, k, v, mask, self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
+
+    def _attend_sdpa(
         self,
         query: Tensor,
         key: Tensor,

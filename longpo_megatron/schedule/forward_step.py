@@ -27,7 +27,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _run_model(model: torch.nn.Module, batch: Batch) -> Tensor:
-    return model(batch["tokens"], batch["position_ids"], None)
+    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
 
 
 def make_train_forward_step(loss_layer: LongPOLossLayer) -> ForwardStep:

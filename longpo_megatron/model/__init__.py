@@ -1,0 +1,1 @@
+"""The network: layer specs, project core attention, RoPE, and the GPTModel subclass."""

@@ -1,0 +1,66 @@
+"""A general, compact attention-mask description (never an [S × S] tensor).
+
+Query q may attend key k iff
+    order[k] <= order[q]                          (causal in sequence order)
+    and segment[k] == segment[q]                  (packed documents stay apart)
+    and (branch[k] == 0 or branch[k] == branch[q]) (branches share the trunk, not each other)
+``segment`` and ``branch`` are optional. Branches let chosen and rejected responses attend to one
+shared copy of the long prompt without seeing each other. Under context parallelism the keys
+cover the whole sequence and ``query_index`` says which global tokens this rank's queries are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AttentionMask:
+    """Per-token mask metadata for a ``[b, S]`` (global) sequence."""
+
+    order: Tensor
+    """[b, S] int64 causal order (usually the position ids)."""
+    segment: Optional[Tensor] = None
+    """[b, S] int64 segment ids, or None for one segment per row."""
+    branch: Optional[Tensor] = None
+    """[b, S] int64 branch ids (0 = shared trunk), or None for no branches."""
+    query_index: Optional[Tensor] = None
+    """[s_q] global indices of the local queries (CP); None means all S tokens."""
+
+    @classmethod
+    def causal(cls, batch: int, seq_len: int, device=None) -> AttentionMask:
+        """Plain causal mask over ``seq_len`` tokens."""
+        order = torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, seq_len)
+        return cls(order=order)
+
+    def to(self, device) -> AttentionMask:
+        """Copy to ``device``."""
+        move = {k: getattr(self, k) for k in ("order", "segment", "branch", "query_index")}
+        return replace(self, **{k: v.to(device) for k, v in move.items() if v is not None})
+
+    def with_queries(self, query_index: Tensor) -> AttentionMask:
+        """The same mask for a subset of queries (this CP rank's tokens)."""
+        return replace(self, query_index=query_index)
+
+    def query_global(self, local: Tensor) -> Tensor:
+        """Global token indices of local query positions ``local``."""
+        return local if self.query_index is None else self.query_index[local]
+
+    def block_is_empty(self, q_global: Tensor, k_global: Tensor) -> bool:
+        """True when no query of the block may see any key of the block (causal skip)."""
+        return bool(self.order[:, k_global].min() > self.order[:, q_global].max())
+
+    def allowed(self, q_global: Tensor, k_global: Tensor) -> Tensor:
+        """[b, 1, len(q), len(k)] bool: may query i see key j."""
+        qo, ko = self.order[:, q_global], self.order[:, k_global]
+        ok = ko[:, None, :] <= qo[:, :, None]
+        if self.segment is not None:
+            ok &= self.segment[:, k_global][:, None, :] == self.segment[:, q_global][:, :, None]
+        if self.branch is not None:
+            kb, qb = self.branch[:, k_global][:, None, :], self.branch[:, q_global][:, :, None]
+            ok &= (kb == 0) | (kb == qb)
+        return ok.unsqueeze(1)
