@@ -81,7 +81,8 @@ class LongPOConfig:
     """The objective: L = NLL(chosen long sequence) + lam * preference(Δ)."""
 
     loss: str = "longpo"
-    """longpo (reference on short prompts) | dpo (reference on the long prompt) | sft (NLL only)."""
+    """longpo (reference on short prompts) | dpo (reference on the long prompt) | sft (NLL only)
+    | sft_kl (NLL + λ·token-level KL to the reference on the short prompt)."""
     preference_loss: str = "sigmoid"
     """Preference term on Δ: sigmoid (-log σ(Δ)) | ipo | hinge."""
     beta: float = 0.01
@@ -99,10 +100,15 @@ class ReferenceConfig:
     """Where Σ log π_ref(y|x_S) comes from."""
 
     mode: str = "initial_policy"
-    """initial_policy: score every record once at start with the frozen initial weights
-    (at the reference RoPE θ)."""
+    """initial_policy (score all pairs once at start) | online (a frozen model scores each
+    step's pairs) | precomputed (read ``path``; no reference weights are loaded)."""
     micro_batch_size: int = 4
     """Short sequences per forward pass when scoring the reference."""
+    load: Optional[str] = None
+    """Checkpoint with the reference weights (the initial model); null = the initial policy."""
+    path: Optional[str] = None
+    """Precomputed reference log-probs (JSONL from ``longpo-ref-logps``): read in mode
+    precomputed, written by the CLI."""
 
 
 @dataclass
@@ -174,11 +180,14 @@ class CheckpointConfig:
     """Saving and resuming."""
 
     save: Optional[str] = None
-    """Directory for checkpoints; null disables saving."""
+    """Directory for checkpoints (`latest` + `iter_XXXXXXX/`, docs/checkpoint-format.md); null
+    disables saving (a SIGTERM/SIGUSR1 then stops the run without saving)."""
     save_interval: int = 0
     """Save every N steps (0 = only at the end when save is set)."""
     load: Optional[str] = None
-    """Directory to resume from (its `latest` checkpoint); null starts fresh."""
+    """Checkpoint to start from: a save directory (its `latest`) or an `iter_*` directory; a
+    training checkpoint resumes everything, a weights checkpoint gives weights only (step 0).
+    Any TP/PP layout loads any other. Null starts fresh."""
     keep_last: int = 2
     """Checkpoints to keep."""
 

@@ -24,10 +24,10 @@ ALLOWED: dict[str, tuple[Any, ...]] = {
     "parallel.cp_comm_type": ("p2p", "a2a", "all_gather"),
     "parallel.engine": ("auto", "cpu", "gpu"),
     "parallel.distributed_backend": (None, "nccl", "gloo"),
-    "longpo.loss": ("longpo", "dpo", "sft"),
+    "longpo.loss": ("longpo", "dpo", "sft", "sft_kl"),
     "longpo.preference_loss": ("sigmoid", "ipo", "hinge"),
     "longpo.nll_scope": ("full", "responses"),
-    "reference.mode": ("initial_policy",),
+    "reference.mode": ("initial_policy", "online", "precomputed"),
     "optim.lr_decay_style": ("cosine", "constant", "linear"),
     "data.over_length_policy": ("error", "skip"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -305,6 +305,20 @@ def _check_data(cfg: Config, layout_multiple: int, tp: int, cp: int, sp: bool) -
         )
 
 
+def _check_reference(cfg: Config) -> None:
+    if cfg.reference.mode == "precomputed" and cfg.longpo.loss == "sft_kl":
+        raise ConfigError(
+            "longpo.loss='sft_kl' with reference.mode='precomputed': the token-level KL needs "
+            "per-token reference log-probs, which the store does not keep; use "
+            "reference=initial_policy or reference=online"
+        )
+    if cfg.reference.mode == "precomputed" and not cfg.reference.path:
+        raise ConfigError(
+            "reference.mode='precomputed' needs reference.path (the JSONL written by "
+            "longpo-ref-logps); got reference.path=None"
+        )
+
+
 def _resolve_grad_accum(cfg: Config, dp: int) -> int:
     t = cfg.train
     mbs, gbs, ga = t.micro_batch_size, t.global_batch_size, t.gradient_accumulation_steps
@@ -334,6 +348,7 @@ def validate_config(cfg: Config, world_size: int, cuda_available: bool) -> Resol
         raise ConfigError(f"world size {world_size}: must be >= 1")
     _check_enums(cfg)
     _check_ranges(cfg)
+    _check_reference(cfg)
     engine = _resolve_engine(cfg, cuda_available)
     attention = _resolve_attention(cfg, engine, cuda_available)
     precision = _resolve_precision(cfg, engine, cuda_available)

@@ -17,7 +17,14 @@ from torch import Tensor
 
 from longpo_megatron.model.attention_mask import AttentionMask
 
-SEQUENCE_KEYS = ("tokens", "position_ids", "labels", "response_mask", "real_mask")
+SEQUENCE_KEYS = (
+    "tokens",
+    "position_ids",
+    "labels",
+    "response_mask",
+    "real_mask",
+    "ref_token_logps",
+)
 """Micro-batch entries that have a sequence dimension (dim 1) and are split across CP ranks."""
 
 

@@ -146,3 +146,21 @@ def seed_all(seed: int, groups: ParallelGroups, cuda: bool) -> None:
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def without_context_parallel(groups: ParallelGroups) -> ParallelGroups:
+    """The same TP/PP/DP layout with a one-rank CP group (collective: call on every rank).
+
+    Short reference prompts need no context parallelism: CP ranks score different sequences
+    whole instead of splitting each one.
+    """
+    import copy
+    import dataclasses
+
+    if groups.cp_size == 1:
+        return groups
+    single, _ = dist.new_subgroups(group_size=1)
+    pgc = copy.copy(groups.pg_collection)
+    pgc.cp = single
+    pgc.tp_cp = groups.tp
+    return dataclasses.replace(groups, cp=single, dp_cp=groups.dp, pg_collection=pgc)

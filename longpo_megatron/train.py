@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("LONGPO_ROOT", str(REPO_ROOT))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))

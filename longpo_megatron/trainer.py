@@ -9,15 +9,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from longpo_megatron import distributed
+from longpo_megatron import checkpoint, distributed
 from longpo_megatron.config import Config
 from longpo_megatron.config_validation import ResolvedLayout
 from longpo_megatron.context_parallel import split_batch
-from longpo_megatron.data.collate import collate_pairs
+from longpo_megatron.data.collate import collate_pairs, place_chosen_token_values
 from longpo_megatron.data.dataset import load_dataset
 from longpo_megatron.data.sampler import PairSampler, slice_for_dp
 from longpo_megatron.data.tokenizer import build_tokenizer
@@ -25,7 +26,8 @@ from longpo_megatron.loss.layer import LongPOLossLayer, LossGroups
 from longpo_megatron.metrics import MetricsLogger, reduce_step_metrics
 from longpo_megatron.model.gpt import ModelLayout, build_model
 from longpo_megatron.optim import lr_at
-from longpo_megatron.reference import score_reference
+from longpo_megatron.preemption import PreemptionHandler
+from longpo_megatron.reference import build_scorer, score_reference
 from longpo_megatron.schedule.engine import CpuEngine
 from longpo_megatron.schedule.forward_step import Batch, make_train_forward_step
 
@@ -63,6 +65,9 @@ class Trainer:
         self.layout = layout
         self.state = TrainState()
         self.history: list[dict[str, float]] = []
+        self.preempted = False
+        """True when :meth:`run` stopped early on SIGTERM / SIGUSR1."""
+        self._saved_step: Optional[int] = None
 
     def setup(self) -> Trainer:
         """Start distributed, load data, build the model, score the reference, build the engine."""
@@ -81,21 +86,14 @@ class Trainer:
         self.mlayout = model_layout(layout)
         self.model = build_model(cfg.model, self.mlayout, g)
         self.device = next(self.model.parameters()).device
-        score_reference(
-            self.model,
-            cfg,
-            self.mlayout,
-            g,
-            self.dataset,
-            self.tokenizer.pad_id,
-            layout.seq_multiple,
-        )
         self.engine = self._build_engine()
         self.sampler = PairSampler(len(self.dataset), cfg.train.seed, cfg.data.shuffle)
+        self._resume_or_score_reference()
         loss_groups = LossGroups(g.tp, g.cp, layout.sequence_parallel)
         self.forward_step = make_train_forward_step(LongPOLossLayer(cfg.longpo, loss_groups))
-        run_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        self.run_cfg = run_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         self.logger = MetricsLogger(cfg.logging, g.is_logging_rank, run_cfg)
+        self.preemption = PreemptionHandler().install()
         if g.is_logging_rank:
             print(f"data: {len(self.dataset)} pairs; {self.report.summary()}", flush=True)
         return self
@@ -108,6 +106,112 @@ class Trainer:
                 self.model, self.groups, self.cfg.optim, self.cfg.train.micro_batch_size
             )
         return CpuEngine(self.model, self.groups, self.cfg.optim)
+
+    def _resume_or_score_reference(self) -> None:
+        """Resume from ``checkpoint.load`` when set; score the reference unless it was restored.
+
+        A training checkpoint carries the initial policy's reference scores; a weights checkpoint
+        (or a fresh start) is scored here from the model's current (= initial) weights.
+        """
+        cfg, g = self.cfg, self.groups
+        if cfg.checkpoint.load:
+            loaded = checkpoint.load(
+                cfg.checkpoint.load, self.model, g, optimizer=self.engine.optimizer
+            )
+            self._apply_checkpoint(loaded)
+        self.online_reference = None
+        if cfg.reference.mode == "online":
+            self.online_reference = self._online_reference()
+        elif not self.dataset.has_ref_logps:
+            score_reference(
+                self.model,
+                cfg,
+                self.mlayout,
+                g,
+                self.dataset,
+                self.tokenizer.pad_id,
+                self.layout.seq_multiple,
+            )
+
+    def _online_reference(self):
+        """The frozen reference of ``reference.mode=online`` (initial weights, never the
+        resumed policy's)."""
+        cfg, resumed = self.cfg, self.state.step > 0
+        if resumed and not cfg.reference.load:
+            raise ValueError(
+                "reference.mode=online resumed at step "
+                f"{self.state.step} needs reference.load (the initial weights): the policy's "
+                "weights are no longer the initial ones"
+            )
+        policy = None if resumed else self.model
+        return build_scorer(cfg, self.mlayout, self.groups, self.tokenizer.pad_id, policy)
+
+    def _apply_checkpoint(self, ck: checkpoint.LoadedCheckpoint) -> None:
+        """Take step, consumed pairs, data position and reference scores from ``ck``."""
+        ts = ck.train_state
+        self.state = TrainState(
+            step=int(ts.get("step", 0)),
+            consumed_pairs=int(ts.get("consumed_pairs", 0)),
+            sampler=dict(ts.get("sampler") or {}),
+        )
+        try:
+            if self.state.sampler:
+                self.sampler.load_state_dict(self.state.sampler)
+            if ck.reference_table is not None:
+                self.dataset.load_ref_state(ck.reference_table)
+        except ValueError as e:
+            raise checkpoint.CheckpointError(f"{ck.path}: does not match this run: {e}") from None
+        self._saved_step = self.state.step
+        if self.groups.is_logging_rank:
+            if ck.kind == "training":
+                now = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
+                for diff in checkpoint.config_differences(ck.config, now)[:20]:
+                    print(f"warning: config differs from the checkpoint's: {diff}", flush=True)
+            print(
+                f"resumed from {ck.path} ({ck.kind} checkpoint): step {self.state.step}, "
+                f"optimizer {'restored' if ck.optimizer_restored else 'fresh'}, "
+                f"RNG {'restored' if ck.rng_restored else 'from the seed'}",
+                flush=True,
+            )
+
+    def save_checkpoint(self) -> Path:
+        """Save the whole training state under ``checkpoint.save`` (collective); returns its dir."""
+        ck = self.cfg.checkpoint
+        if not ck.save:
+            raise ValueError("checkpoint.save is not set")
+        t0 = time.perf_counter()
+        path = checkpoint.save(
+            ck.save,
+            self.state.step,
+            self.model,
+            self.groups,
+            optimizer=self.engine.optimizer,
+            train_state=state_as_dict(self.state),
+            reference_table=self.dataset.ref_state(),
+            config=self.run_cfg,
+            keep_last=ck.keep_last,
+        )
+        self._saved_step = self.state.step
+        if self.groups.is_logging_rank:
+            print(f"saved checkpoint {path} ({time.perf_counter() - t0:.2f} s)", flush=True)
+        return path
+
+    def _step_boundary(self) -> bool:
+        """Save on the interval or on preemption; True when the run must stop (preempted)."""
+        ck = self.cfg.checkpoint
+        stop = self.preemption.requested()
+        due = ck.save_interval > 0 and self.state.step % ck.save_interval == 0
+        path = self.save_checkpoint() if ck.save and (stop or due) else None
+        if stop:
+            self.preempted = True
+            if self.groups.is_logging_rank:
+                done = f"saved checkpoint {path}" if path else "no checkpoint.save: nothing saved"
+                print(
+                    f"preempted ({self.preemption.signal_name}) at step {self.state.step}: "
+                    f"{done}; exiting",
+                    flush=True,
+                )
+        return stop
 
     def micro_batches(self, indices: list[int]) -> list[Batch]:
         """This DP rank's micro-batches of one global batch (pairs never split)."""
@@ -122,6 +226,9 @@ class Trainer:
                 self.layout.seq_multiple,
                 self.dataset.ref_logps_for(chunk),
             )
+            if self.cfg.longpo.loss == "sft_kl":
+                tokens = [self.dataset.ref_token_logps(i) for i in chunk]
+                batch = place_chosen_token_values(batch, tokens)
             batch["num_tokens"] = batch["real_mask"].sum() + batch["tokens"].shape[0]
             batch = split_batch(batch, self.groups.cp_rank, self.groups.cp_size)
             out.append({k: v.to(self.device) for k, v in batch.items()})
@@ -131,6 +238,8 @@ class Trainer:
         """One optimizer step; returns the step's metrics on the last stage (None elsewhere)."""
         cfg = self.cfg
         indices = self.sampler.next_global_batch(cfg.train.global_batch_size)
+        if self.online_reference is not None:
+            self.online_reference.fill(self.dataset, indices)
         batches = self.micro_batches(indices)
         lr = lr_at(self.state.step, cfg.optim, cfg.train.train_iters)
         t0 = time.perf_counter()
@@ -156,17 +265,22 @@ class Trainer:
         """Train ``train.train_iters`` steps; returns the last stage's per-step metrics."""
         while self.state.step < self.cfg.train.train_iters:
             values = self.train_step()
-            if values is None:
-                continue
-            self.history.append(values)
-            if self.state.step % self.cfg.train.log_interval == 0:
-                self.logger.log(self.state.step, values)
+            if values is not None:
+                self.history.append(values)
+                if self.state.step % self.cfg.train.log_interval == 0:
+                    self.logger.log(self.state.step, values)
+            if self._step_boundary():
+                return self.history
+        if self.cfg.checkpoint.save and self._saved_step != self.state.step:
+            self.save_checkpoint()
         return self.history
 
     def close(self) -> None:
         """Flush logs and tear down process groups."""
         if hasattr(self, "logger"):
             self.logger.close()
+        if hasattr(self, "preemption"):
+            self.preemption.uninstall()
         distributed.destroy()
 
 

@@ -34,6 +34,7 @@ EXTRA: dict[tuple[str, str], list[str]] = {
     + PLACEHOLDERS,
     ("data", "longpo_512k"): ["model=mistral_7b", "model.max_position_embeddings=524288"]
     + PLACEHOLDERS,
+    ("reference", "precomputed"): ["reference.path=/placeholder/ref_logps.jsonl"],
 }
 """Overrides an option needs to fit the otherwise-default composition."""
 
@@ -168,7 +169,7 @@ def test_tiny_model_and_longpo_defaults_match_the_dataclasses() -> None:
     cfg = compose_config([])
     assert cfg.model == ModelConfig()
     assert (cfg.longpo.beta, cfg.longpo.lam, cfg.longpo.nll_scope) == (0.01, 0.01, "full")
-    for loss in ("dpo", "sft"):
+    for loss in ("dpo", "sft", "sft_kl"):
         assert compose_config([f"longpo={loss}"]).longpo.loss == loss
 
 
@@ -522,6 +523,10 @@ def test_auto_values_resolve(te: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     gpu = validate_config(cfg, 2, True)
     assert (gpu.engine, gpu.precision, gpu.sequence_parallel) == ("gpu", "bf16", te)
     assert gpu.attention_backend == ("te" if te else "local")
+
+
+def test_precomputed_reference_needs_a_path() -> None:
+    refused(make(**{"reference.mode": "precomputed"}), 1, False, "reference.path", "precomputed")
 
 
 def test_sequence_parallel_needs_the_te_spec(no_te) -> None:

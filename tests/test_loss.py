@@ -111,12 +111,11 @@ def test_sequence_sums_multi_turn_masks_and_padding(single_rank_group):
 
 def test_logit_positions_skip_pads_and_prompts():
     _, batch = _toy_batch()
-    sel = logit_positions(batch, "responses", "longpo")
+    sel = logit_positions(batch, "responses")
     assert torch.equal(sel, batch["response_mask"].bool())
-    full = logit_positions(batch, "full", "longpo")
+    full = logit_positions(batch, "full")
     assert torch.equal(full[:2], batch["real_mask"][:2].bool())
     assert torch.equal(full[2:], batch["response_mask"][2:].bool())
-    assert not logit_positions(batch, "full", "sft")[2:].any()
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
@@ -166,3 +165,46 @@ def test_loss_layer_end_to_end_against_plain_pytorch(single_rank_group):
     torch.testing.assert_close(gw, weight.grad, rtol=1e-5, atol=1e-6)
     assert metrics["pairs"].item() == 2
     assert metrics["rewards/margins"].item() == pytest.approx(delta.sum().item(), rel=1e-5)
+
+
+def test_token_kl_is_k3_estimator():
+    from longpo_megatron.loss.objective import token_kl
+
+    policy, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
+    r = ref - policy  # [-0.5, 1.0, 0.0]
+    want = torch.exp(r) - 1 - r
+    torch.testing.assert_close(token_kl(policy, ref), want)
+    assert want[2] == 0 and (want >= 0).all()
+
+
+def test_sft_kl_layer_against_plain_pytorch(single_rank_group):
+    """NLL + λ·mean over chosen response tokens of (e^r − 1 − r), r = ref − policy; rejected
+    rows get no gradient."""
+    torch.manual_seed(2)
+    _, batch = _toy_batch()
+    labels = torch.randint(0, 11, (4, 6))
+    ref_tok = -torch.rand(4, 6) * batch["response_mask"]
+    ref_tok[2:] = 0
+    batch = dict(batch, labels=labels, ref_token_logps=ref_tok)
+    hidden = torch.randn(6, 4, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    cfg = LongPOConfig(loss="sft_kl", lam=0.7, nll_scope="full", logits_chunk_size=5)
+    layer = LongPOLossLayer(cfg, LossGroups(single_rank_group, single_rank_group))
+    loss, metrics = layer(hidden, batch, weight)
+    loss.backward()
+    gh = hidden.grad.clone()
+    hidden.grad = None
+
+    lp = F.log_softmax(hidden.transpose(0, 1) @ weight.t(), -1).gather(-1, labels[..., None])[
+        ..., 0
+    ]
+    resp, real = batch["response_mask"][:2], batch["real_mask"][:2]
+    nll = -(lp[:2] * real).sum(-1) / real.sum(-1)
+    r = ref_tok[:2] - lp[:2]
+    kl = ((torch.exp(r) - 1 - r) * resp).sum(-1) / resp.sum(-1)
+    expect = (nll + 0.7 * kl).mean()
+    expect.backward()
+    torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, hidden.grad, rtol=1e-5, atol=1e-6)
+    assert metrics["kl"].item() == pytest.approx(kl.sum().item(), rel=1e-5)
+    assert not gh[:, 2:].any()  # rejected rows do not enter sft_kl

@@ -100,3 +100,20 @@ def collate_short(
         raise ValueError(f"{len(owner_list)} owners for {len(seqs)} sequences")
     batch["owner"] = torch.tensor(owner_list, dtype=torch.int64)
     return batch
+
+
+def place_chosen_token_values(
+    batch: dict[str, torch.Tensor], values: Sequence[torch.Tensor], key: str = "ref_token_logps"
+) -> dict[str, torch.Tensor]:
+    """Lay per-token values of each pair's chosen responses onto the chosen rows' response
+    label positions (in order) as ``batch[key]`` ``[2B, S]`` (0 elsewhere)."""
+    resp = batch["response_mask"]
+    out = torch.zeros(resp.shape, dtype=torch.float32)
+    for row, vals in enumerate(values):
+        pos = resp[row].nonzero().squeeze(-1)
+        if pos.numel() != vals.numel():
+            raise ValueError(
+                f"pair row {row}: {vals.numel()} values for {pos.numel()} response positions"
+            )
+        out[row, pos] = vals.to(torch.float32)
+    return dict(batch, **{key: out})

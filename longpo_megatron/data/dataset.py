@@ -32,6 +32,8 @@ class PreferenceDataset:
         self.pairs = list(pairs)
         self.records = list(records) if records is not None else None
         self._ref = torch.full((len(self.pairs), 2), math.nan, dtype=torch.float64)
+        self._ref_tokens: dict[int, torch.Tensor] = {}
+        """Per pair: the reference's per-token log-probs of the chosen responses (sft_kl)."""
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -47,6 +49,23 @@ class PreferenceDataset:
             )
         self._ref[index, 0] = float(chosen_sum)
         self._ref[index, 1] = float(rejected_sum)
+
+    def set_ref_token_logps(self, index: int, values: torch.Tensor) -> None:
+        """Store the chosen responses' per-token reference log-probs of pair ``index``."""
+        want = sum(self.pairs[index].chosen_response_mask[1:])
+        if values.numel() != want:
+            raise ValueError(
+                f"record {self.pairs[index].record_id!r}: {values.numel()} reference token "
+                f"log-probs for {want} chosen response tokens (the short and long renderings of "
+                "the responses tokenize differently)"
+            )
+        self._ref_tokens[index] = values.detach().to("cpu", torch.float64).clone()
+
+    def ref_token_logps(self, index: int) -> torch.Tensor:
+        """Per-token reference log-probs of pair ``index``'s chosen responses."""
+        if index not in self._ref_tokens:
+            raise KeyError(f"pair {index} has no per-token reference scores yet")
+        return self._ref_tokens[index]
 
     def ref_logps(self, index: int) -> tuple[float, float]:
         """(chosen_sum, rejected_sum) of pair ``index``; an error when not scored yet."""

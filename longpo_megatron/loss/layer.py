@@ -20,12 +20,13 @@ from torch import Tensor
 
 from longpo_megatron.config import LongPOConfig
 from longpo_megatron.loss.logprobs import token_logprobs
-from longpo_megatron.loss.objective import PairSums, longpo_objective
+from longpo_megatron.loss.objective import PairSums, longpo_objective, token_kl
 
 METRIC_KEYS = (
     "loss",
     "nll",
     "pref_loss",
+    "kl",
     "rewards/chosen",
     "rewards/rejected",
     "rewards/margins",
@@ -58,12 +59,20 @@ def sequence_sums(
     resp_sums = (logp * resp).sum(-1)
     nll_sum = -(logp[:pairs] * nll_mask[:pairs]).sum(-1)
     count = nll_mask[:pairs].sum(-1)
-    stacked = torch.cat([resp_sums, nll_sum, count])
+    parts = [resp_sums, nll_sum, count]
+    with_kl = "ref_token_logps" in batch
+    if with_kl:
+        ref_tok = batch["ref_token_logps"][:pairs].to(logp.dtype)
+        parts += [(token_kl(logp[:pairs], ref_tok) * resp[:pairs]).sum(-1), resp[:pairs].sum(-1)]
+    stacked = torch.cat(parts)
     if cp.size() > 1:
         stacked = reduce_from_tensor_model_parallel_region(stacked, group=cp)
-    resp_sums, nll_sum, count = stacked.split([2 * pairs, pairs, pairs])
+    sizes = [2 * pairs, pairs, pairs] + ([pairs, pairs] if with_kl else [])
+    resp_sums, nll_sum, count, *kl = stacked.split(sizes)
     ref = batch["ref_logps"].to(logp.dtype)
     return PairSums(
+        kl_sum=kl[0] if kl else None,
+        kl_count=kl[1] if kl else None,
         policy_chosen=resp_sums[:pairs],
         policy_rejected=resp_sums[pairs:],
         ref_chosen=ref[:pairs],
@@ -73,15 +82,14 @@ def sequence_sums(
     )
 
 
-def logit_positions(batch: dict[str, Tensor], nll_scope: str, variant: str) -> Tensor:
-    """Which label positions need the output layer: responses everywhere, plus all real
-    tokens of chosen rows under ``nll_scope=full``; rejected rows are skipped for ``sft``."""
+def logit_positions(batch: dict[str, Tensor], nll_scope: str) -> Tensor:
+    """Which label positions need the output layer: responses of every row (rewards and
+    metrics for every loss variant), plus all real tokens of chosen rows under
+    ``nll_scope=full``. Prompt tokens of rejected rows are never projected."""
     select = batch["response_mask"].bool().clone()
     pairs = select.shape[0] // 2
     if nll_scope == "full":
         select[:pairs] |= batch["real_mask"][:pairs].bool()
-    if variant == "sft":
-        select[pairs:] = False
     return select
 
 
@@ -96,7 +104,7 @@ class LongPOLossLayer:
         self, hidden: Tensor, batch: dict[str, Tensor], output_weight: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        select = logit_positions(batch, cfg.nll_scope, cfg.loss)
+        select = logit_positions(batch, cfg.nll_scope)
         logp = token_logprobs(
             hidden,
             output_weight,
@@ -119,8 +127,9 @@ def sequence_logps(
     output_weight: Tensor,
     chunk_size: int,
     groups: LossGroups,
-) -> Tensor:
-    """Σ response-token log-probs per row (reference scoring; no NLL, no pairs)."""
+) -> tuple[Tensor, Tensor]:
+    """Σ response-token log-probs per row, and the per-token log-probs ``[rows, s]`` (0 off
+    responses) — reference scoring: no NLL, no pairs."""
     logp = token_logprobs(
         hidden,
         output_weight,
@@ -133,4 +142,4 @@ def sequence_logps(
     sums = (logp * batch["response_mask"].to(logp.dtype)).sum(-1)
     if groups.cp.size() > 1:
         sums = reduce_from_tensor_model_parallel_region(sums, group=groups.cp)
-    return sums
+    return sums, logp

@@ -12,13 +12,14 @@ with pref = −log σ(Δ) (sigmoid), IPO's squared loss, or a hinge. No length n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge")
-LOSS_VARIANTS = ("longpo", "dpo", "sft")
+LOSS_VARIANTS = ("longpo", "dpo", "sft", "sft_kl")
 
 
 @dataclass
@@ -33,6 +34,10 @@ class PairSums:
     """Σ −log π_θ over the NLL-counted tokens of the chosen long sequence."""
     nll_count: Tensor
     """Number of NLL-counted tokens (≥ 1 for any valid record)."""
+    kl_sum: Optional[Tensor] = None
+    """``loss=sft_kl``: Σ over chosen response tokens of the k3 KL estimate (else None)."""
+    kl_count: Optional[Tensor] = None
+    """``loss=sft_kl``: number of chosen response tokens."""
 
 
 def preference_term(logits: Tensor, beta: float, kind: str) -> Tensor:
@@ -52,7 +57,8 @@ def longpo_objective(
     """Per-pair loss ``[B]`` and per-pair metrics (each ``[B]``, detached).
 
     ``variant``: ``longpo`` and ``dpo`` share this formula (they differ in what the reference
-    saw); ``sft`` drops the preference term (metrics are still reported).
+    saw); ``sft`` drops the preference term (metrics are still reported); ``sft_kl`` replaces it
+    by the token-level KL to the reference on the short prompt, λ·mean_t KL_t.
     """
     if variant not in LOSS_VARIANTS:
         raise ValueError(f"longpo.loss={variant!r}: expected one of {LOSS_VARIANTS}")
@@ -61,11 +67,20 @@ def longpo_objective(
     delta = chosen_reward - rejected_reward
     pref = preference_term(delta, beta, preference_loss)
     nll = s.nll_sum / s.nll_count.clamp(min=1)
-    loss = nll if variant == "sft" else nll + lam * pref
+    kl = torch.zeros_like(nll) if s.kl_sum is None else s.kl_sum / s.kl_count.clamp(min=1)
+    if variant == "sft":
+        loss = nll
+    elif variant == "sft_kl":
+        if s.kl_sum is None:
+            raise ValueError("longpo.loss='sft_kl' needs per-token reference log-probs")
+        loss = nll + lam * kl
+    else:
+        loss = nll + lam * pref
     metrics = {
         "loss": loss,
         "nll": nll,
         "pref_loss": pref,
+        "kl": kl,
         "rewards/chosen": chosen_reward,
         "rewards/rejected": rejected_reward,
         "rewards/margins": delta,
@@ -76,3 +91,10 @@ def longpo_objective(
         "logps/ref_rejected": s.ref_rejected,
     }
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def token_kl(policy_logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token KL(π_θ ‖ π_ref) estimate on sampled tokens (Schulman's k3: e^r − 1 − r,
+    r = log π_ref − log π_θ): non-negative, unbiased, low variance."""
+    r = ref_logp - policy_logp
+    return torch.exp(r) - 1.0 - r

@@ -120,12 +120,16 @@ def build_model(
     layout: ModelLayout,
     groups: ParallelGroups,
     rotary_base: Optional[float] = None,
+    init_weights: bool = True,
 ) -> LongPOGPTModel:
     """Build this rank's pipeline stage of the model (weights initialised from the global seed).
 
     ``rotary_base`` overrides ``m.rotary_base`` (the reference keeps the original θ).
+    ``init_weights=False`` leaves linear/embedding weights uninitialised (callers that overwrite
+    every weight right away, e.g. checkpoint conversion, skip the random-init time and memory).
     """
     config = transformer_config(m, layout)
+    config.perform_initialization = init_weights
     model = LongPOGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(layout.attention_backend, m.recompute),

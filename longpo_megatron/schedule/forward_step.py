@@ -44,11 +44,14 @@ def make_train_forward_step(loss_layer: LongPOLossLayer) -> ForwardStep:
 
 
 def make_scoring_forward_step(chunk_size: int, groups: LossGroups) -> ForwardStep:
-    """forward_step returning Σ response log-probs per row (``{"logps", "owner"}``)."""
+    """forward_step returning per row Σ response log-probs, the per-token log-probs and the
+    response mask (``{"logps", "tokens", "mask", "owner"}``)."""
 
     def loss_func(batch: Batch, model: torch.nn.Module, hidden: Tensor):
-        sums = sequence_logps(hidden, batch, unwrap(model).output_weight(), chunk_size, groups)
-        return sums.sum() * 0.0, {"logps": sums.detach(), "owner": batch["owner"]}
+        weight = unwrap(model).output_weight()
+        sums, tokens = sequence_logps(hidden, batch, weight, chunk_size, groups)
+        out = {"logps": sums.detach(), "tokens": tokens.detach(), "owner": batch["owner"]}
+        return sums.sum() * 0.0, out | {"mask": batch["response_mask"]}
 
     def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
         batch = next(data_iterator)

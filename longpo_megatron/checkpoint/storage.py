@@ -1,0 +1,264 @@
+"""The torch_dist format on any device, read without unpickling arbitrary objects.
+
+Writing: :class:`CpuTorchDistSaveStrategy` translates megatron ``ShardedTensor``s with megatron's
+own helpers and calls stock ``torch.distributed.checkpoint.save`` with megatron's
+``MCoreSavePlanner`` (the stock megatron writer calls ``torch.cuda.synchronize``). The result is
+an ordinary ``torch_dist`` directory that stock ``dist_checkpointing.load`` reads.
+
+Reading safely: torch's ``FileSystemReader`` unpickles ``.metadata`` with plain ``pickle`` and
+DCP's planner loads byte items with ``torch.load(weights_only=False)``; megatron's common loader
+relies on torch's *default* ``weights_only``. Every reader here replaces those with an
+allow-listed unpickler (checkpoint-metadata classes and torch dtypes only) and
+``weights_only=True``. Tensor data is always read with ``weights_only=True`` by torch itself.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed.checkpoint as dcp
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor, StateDict
+from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
+
+from longpo_megatron.checkpoint.paths import CheckpointError
+
+COMMON_FILE = "common.pt"
+"""megatron's common (non-sharded, rank-0) state file inside an iteration directory."""
+METADATA_FILE = ".metadata"
+"""DCP's pickled index of every stored tensor chunk."""
+
+_SAFE_EXACT = frozenset(
+    {
+        "torch.Size",
+        "torch.serialization._get_layout",
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
+        "collections.OrderedDict",
+        "pathlib.PosixPath",
+        "pathlib.PurePosixPath",
+        "pathlib.WindowsPath",
+        "pathlib.PureWindowsPath",
+        "builtins.set",
+        "builtins.frozenset",
+        "builtins.slice",
+    }
+)
+_SAFE_PREFIXES = (
+    "torch.distributed.checkpoint.metadata.",
+    "torch.distributed.checkpoint.planner.",
+    "megatron.core.dist_checkpointing.strategies.torch.MCore",
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only DCP metadata classes and torch dtype/layout/memory-format constants."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        enum_like = module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        )
+        if not (enum_like or full in _SAFE_EXACT or full.startswith(_SAFE_PREFIXES)):
+            raise pickle.UnpicklingError(f"refusing to unpickle {full!r}")
+        return super().find_class(module, name)
+
+
+def read_metadata(ckpt_dir: Union[str, Path]) -> Metadata:
+    """DCP ``.metadata`` of an iteration directory, through the allow-listed unpickler."""
+    path = Path(ckpt_dir) / METADATA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a complete torch_dist checkpoint)")
+    with open(path, "rb") as f:
+        try:
+            md = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable checkpoint metadata: {e}") from None
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{path}: holds {type(md).__name__}, not DCP Metadata")
+    return md
+
+
+def read_common(ckpt_dir: Union[str, Path]) -> dict[str, Any]:
+    """The common (non-sharded) state: ``torch.load(weights_only=True)`` of ``common.pt``."""
+    path = Path(ckpt_dir) / COMMON_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a complete dist_checkpointing directory)")
+    try:
+        common = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused by weights_only loading: {e}") from None
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{path}: common state is {type(common).__name__}, not a dict")
+    return common
+
+
+def tensor_shapes(ckpt_dir: Union[str, Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Stored tensor key -> (global shape, dtype), from the safely read metadata."""
+    md = read_metadata(ckpt_dir)
+    return {
+        k: (tuple(v.size), v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """``FileSystemReader`` whose metadata goes through the allow-listed unpickler (cached)."""
+
+    def __init__(self, path: Union[str, os.PathLike]) -> None:
+        super().__init__(path)
+        self._dir = Path(path)
+        self._cached: Optional[Metadata] = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:  # noqa: D102
+        if kwargs.get("rank") is not None:
+            raise CheckpointError(f"{self._dir}: per-rank metadata files are not supported")
+        if self._cached is None:
+            md = read_metadata(self._dir)
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            self._cached = md
+        return self._cached
+
+
+def _load_bytes_safely(read_item: ReadItem, value: io.BytesIO) -> Any:
+    try:
+        return torch.load(value, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"byte item {read_item.dest_index.fqn!r} refused by weights_only loading: {e}"
+        ) from None
+
+
+class SafeMCoreLoadPlanner(mcore_torch.MCoreLoadPlanner):
+    """megatron's load planner (global-shape validation) with ``weights_only`` byte items."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:  # noqa: D102
+        self.state_dict[read_item.dest_index.fqn] = _load_bytes_safely(read_item, value)
+
+
+class SafePlainLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner (plain tensors, no process group) with ``weights_only`` bytes."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:  # noqa: D102
+        self.state_dict[read_item.dest_index.fqn] = _load_bytes_safely(read_item, value)
+
+
+class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
+    """megatron's common loader with an explicit ``weights_only=True`` and no pickled objects."""
+
+    def load_common(self, checkpoint_dir: Union[str, Path]) -> dict[str, Any]:  # noqa: D102
+        return read_common(checkpoint_dir)
+
+    def load_sharded_objects(self, sharded_objects_state_dict: Any, checkpoint_dir: Any) -> Any:
+        raise CheckpointError(
+            f"{checkpoint_dir}: ShardedObjects (pickled per-rank objects) are not loaded"
+        )
+
+
+class SafeTorchDistLoadStrategy(mcore_torch.TorchDistLoadShardedStrategy):
+    """megatron's torch_dist loader (resharding) with the safe reader and planner."""
+
+    def load(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path) -> StateDict:
+        """Same steps as the stock strategy; only the reader and planner differ."""
+        tensors = [t for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
+        flexible = [t for t in tensors if not t.allow_shape_mismatch]
+        mismatch_ok = {t.key: t for t in tensors if t.allow_shape_mismatch}
+        orig = sharded_state_dict
+        sharded_state_dict, flat_mapping, rename_mapping = (
+            mcore_torch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
+        )
+        pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, True)
+        reader = SafeFileSystemReader(checkpoint_dir)
+        dcp.load(
+            pyt_state_dict,
+            storage_reader=reader,
+            planner=SafeMCoreLoadPlanner(
+                shapes_validation_sharded_tensors=flexible,
+                allow_shape_mismatch_sharded_tensors=mismatch_ok,
+            ),
+        )
+        self.cached_global_metadata = reader.read_metadata()
+        out = {k: mcore_torch._unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
+        out = mcore_torch._replace_sharded_keys_with_state_dict_keys(
+            out, flat_mapping, rename_mapping
+        )
+        mcore_torch._restore_dict_types(out, orig)
+        return out
+
+    def load_tensors_metadata(self, checkpoint_dir: Path, metadata: Optional[Metadata] = None):
+        """Tensor metadata from the safely read ``.metadata``."""
+        if metadata is None:
+            metadata = read_metadata(checkpoint_dir)
+        return super().load_tensors_metadata(checkpoint_dir, metadata)
+
+    def load_sharded_metadata(self, checkpoint_dir: Path) -> ShardedStateDict:
+        """Tensors only: ShardedObjects are never loaded by this project."""
+        return self.load_tensors_metadata(checkpoint_dir)
+
+
+class CpuTorchDistSaveStrategy(SaveShardedStrategy):
+    """Synchronous torch_dist writer: megatron's key translation + stock DCP save, no CUDA.
+
+    ``thread_count`` writer threads per rank (files per rank); every file is fsynced.
+    """
+
+    def __init__(self, thread_count: int = 1) -> None:
+        super().__init__("torch_dist", 1)
+        self.thread_count = thread_count
+
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path) -> None:
+        """Write this rank's main-replica shards; rank 0 writes the global ``.metadata``."""
+        sd, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+        pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sd, False)
+        dcp.save(
+            pyt_state_dict,
+            storage_writer=FileSystemWriter(
+                str(checkpoint_dir), thread_count=self.thread_count, sync_files=True
+            ),
+            planner=mcore_torch.MCoreSavePlanner(flatten_state_dict=False),
+        )
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:  # noqa: D102
+        return True
+
+
+def read_tensors(
+    ckpt_dir: Union[str, Path], prefix: str = "", keys: Optional[list[str]] = None
+) -> dict[str, torch.Tensor]:
+    """Full (unsharded) stored tensors whose keys start with ``prefix`` (or exactly ``keys``).
+
+    Needs no process group: the tensors are assembled from every rank's chunks on this process.
+    Keys are the stored (checkpoint) keys, e.g. ``model.decoder.layers.mlp.linear_fc2.weight``
+    with the layer axis first.
+    """
+    shapes = tensor_shapes(ckpt_dir)
+    wanted = keys if keys is not None else [k for k in shapes if k.startswith(prefix)]
+    missing = [k for k in wanted if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: tensor(s) {missing} are not in the checkpoint")
+    out = {k: torch.empty(shapes[k][0], dtype=shapes[k][1]) for k in wanted}
+    if out:
+        with warnings.catch_warnings():  # "assuming ... a single process": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(
+                out,
+                storage_reader=SafeFileSystemReader(ckpt_dir),
+                planner=SafePlainLoadPlanner(),
+                no_dist=True,
+            )
+    return out

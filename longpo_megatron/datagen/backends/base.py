@@ -1,0 +1,125 @@
+"""The one interface every generation backend implements, plus shared chat-template helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol, runtime_checkable
+
+from longpo_megatron.datagen.config import BackendConfig, SamplingConfig
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt: a single user message that the backend renders with the chat template."""
+
+    key: str
+    prompt: str
+    seed: int
+    """Per-request seed (backends that seed per request, e.g. vLLM)."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer: text without special tokens, its token count and why it ended."""
+
+    text: str
+    n_tokens: int
+    finish_reason: str
+    """stop (end of turn) | length (hit max_new_tokens: the answer is truncated)."""
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """What the pipeline needs from a model."""
+
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """Model and settings, stored in every record's metadata and the resume fingerprint."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of plain text (chunking)."""
+        ...
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of the chat-rendered prompt, generation prompt included."""
+        ...
+
+    def max_model_len(self) -> Optional[int]:
+        """Longest prompt + answer the model takes (None = unknown / no limit)."""
+        ...
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingConfig, batch_seed: int
+    ) -> list[Generation]:
+        """Answers in request order; ``batch_seed`` seeds batch-level sampling."""
+        ...
+
+    def close(self) -> None:
+        """Free the model."""
+        ...
+
+
+class TokenizerMismatch(ValueError):
+    """The tokenizer cannot drive the model (ids past the embedding)."""
+
+
+def check_vocab(tok_name: str, tok_size: int, max_id: int, model_name: str, vocab: int) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's vocabulary."""
+    if tok_size > vocab or max_id >= vocab:
+        raise TokenizerMismatch(
+            f"tokenizer {tok_name!r} has {tok_size} tokens (largest id {max_id}) but model "
+            f"{model_name!r} has vocab_size {vocab}: the tokenizer does not match the model "
+            "(set backend.tokenizer to the model's own tokenizer)"
+        )
+
+
+def local_dir(value: Optional[str], key: str) -> str:
+    """A local directory given by config ``key`` (nothing is downloaded)."""
+    if not value or not Path(value).is_dir():
+        raise FileNotFoundError(
+            f"{key}={value!r} is not a local directory (models and tokenizers are never "
+            "downloaded; point it at a saved model)"
+        )
+    return str(value)
+
+
+class HFTokenizerMixin:
+    """Chat-template rendering and token counting with a local HF tokenizer."""
+
+    tokenizer: Any
+    tokenizer_path: str
+
+    def _load_tokenizer(self, cfg: BackendConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer_path = local_dir(cfg.tokenizer or cfg.model, "backend.tokenizer")
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.tokenizer_path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"tokenizer {self.tokenizer_path!r} has no chat template")
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {self.tokenizer_path!r} has no eos (end-of-turn) token")
+
+    def _check_model_vocab(self, model_name: str, vocab: int) -> None:
+        vocab_ids = self.tokenizer.get_vocab().values()
+        check_vocab(self.tokenizer_path, len(self.tokenizer), max(vocab_ids), model_name, vocab)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of plain text, no special tokens added."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def render(self, prompt: str) -> list[int]:
+        """Ids of the chat-rendered single user turn plus the generation prompt."""
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Length of :meth:`render`."""
+        return len(self.render(prompt))
