@@ -263,16 +263,19 @@ def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     return out
 
 
-def to_config(cfg: Any) -> Config:
-    """Turn a composed DictConfig into a typed :class:`Config` (unknown keys are an error)."""
+def to_typed(cfg: Any, schema: type, where: str) -> Any:
+    """A composed DictConfig as an instance of the dataclass ``schema``; keys the schema does
+    not declare are an error naming them and ``where`` the schema lives."""
     from omegaconf import OmegaConf
 
-    extra = [k for k in unknown_keys(cfg, Config) if k != "hydra" and not k.startswith("hydra.")]
+    extra = [k for k in unknown_keys(cfg, schema) if k != "hydra" and not k.startswith("hydra.")]
     if extra:
-        raise ValueError(
-            f"unknown config key(s) {extra}: not in the schema (longpo_megatron/config.py)"
-        )
-    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-    obj = OmegaConf.to_object(merged)
-    assert isinstance(obj, Config)
+        raise ValueError(f"unknown config key(s) {extra}: not in the schema ({where})")
+    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    assert isinstance(obj, schema)
     return obj
+
+
+def to_config(cfg: Any) -> Config:
+    """Turn a composed DictConfig into a typed :class:`Config` (unknown keys are an error)."""
+    return to_typed(cfg, Config, "longpo_megatron/config.py")

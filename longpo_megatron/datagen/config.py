@@ -222,19 +222,9 @@ def register_datagen_configs() -> None:
 
 def to_datagen_config(cfg: Any) -> DatagenConfig:
     """A composed DictConfig as a typed :class:`DatagenConfig` (unknown keys are an error)."""
-    from omegaconf import OmegaConf
+    from longpo_megatron.config import to_typed
 
-    from longpo_megatron.config import unknown_keys
-
-    extra = [k for k in unknown_keys(cfg, DatagenConfig) if not k.startswith("hydra")]
-    if extra:
-        raise ValueError(
-            f"unknown config key(s) {extra}: not in the schema (longpo_megatron/datagen/config.py)"
-        )
-    merged = OmegaConf.merge(OmegaConf.structured(DatagenConfig), cfg)
-    obj = OmegaConf.to_object(merged)
-    assert isinstance(obj, DatagenConfig)
-    return obj
+    return to_typed(cfg, DatagenConfig, "longpo_megatron/datagen/config.py")
 
 
 class DatagenConfigError(ValueError):
