@@ -44,9 +44,10 @@ class TrainState:
     """Data-order position (:meth:`PairSampler.state_dict`)."""
 
 
-def model_layout(layout: ResolvedLayout) -> ModelLayout:
+def model_layout(layout: ResolvedLayout, cp_comm_type: str = "p2p") -> ModelLayout:
     """The part of the resolved layout the model builder needs."""
     return ModelLayout(
+        cp_comm_type=cp_comm_type,
         tp=layout.tp,
         pp=layout.pp,
         cp=layout.cp,
@@ -83,7 +84,7 @@ class Trainer:
                 f"{cfg.model.vocab_size}: the tokenizer does not match the model"
             )
         self.dataset, self.report = load_dataset(cfg.data, self.tokenizer)
-        self.mlayout = model_layout(layout)
+        self.mlayout = model_layout(layout, cfg.parallel.cp_comm_type)
         self.model = build_model(cfg.model, self.mlayout, g)
         self.device = next(self.model.parameters()).device
         self.engine = self._build_engine()

@@ -115,3 +115,13 @@ def test_rope_cp_slice_matches_full_table(single_rank_group):
     torch.testing.assert_close(
         part, full[[8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
     )
+
+
+def test_te_layout_passes_cp_comm_type_and_local_gets_none():
+    from longpo_megatron.config import ModelConfig
+    from longpo_megatron.model.gpt import ModelLayout, transformer_config
+
+    te = transformer_config(ModelConfig(), ModelLayout(1, 1, 2, False, "te", "gpu", "bf16", "a2a"))
+    assert te.cp_comm_type == "a2a" and te.context_parallel_size == 2
+    local = transformer_config(ModelConfig(), ModelLayout(1, 1, 2, False, "local", "cpu", "fp32"))
+    assert local.cp_comm_type is None

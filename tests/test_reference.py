@@ -198,3 +198,17 @@ def test_partial_line_of_a_killed_writer_is_redone(tmp_path):
     with open(part, "a") as f:
         f.write('{"id": "b", "fingerpr')  # killed mid-write
     assert done_ids(out) == {"a"}
+
+
+def test_dpo_reference_scores_the_long_sequences(toy_store):
+    """loss=dpo: the reference sees the policy's LONG prompt; longpo: each turn's SHORT one."""
+    from longpo_megatron.reference import reference_items, view_of
+
+    _, ds, _ = toy_store
+    pair = ds[1]
+    long_items = reference_items(ds, [1], view_of("dpo"))
+    assert [(it.side, it.turn) for it in long_items] == [(0, -1), (1, -1)]
+    assert long_items[0].seq[0] == pair.chosen and long_items[1].seq[0] == pair.rejected
+    short = reference_items(ds, [1], view_of("longpo"))
+    assert [it.seq for it in short] == list(pair.ref_chosen) + list(pair.ref_rejected)
+    assert all(len(it.seq[0]) < len(pair.chosen) for it in short)

@@ -36,6 +36,8 @@ class ModelLayout:
     """cpu | gpu"""
     precision: str
     """fp32 | bf16"""
+    cp_comm_type: str = "p2p"
+    """TransformerEngine context-parallel exchange (p2p ring | a2a | all_gather); te only."""
 
 
 class LongPOGPTModel(GPTModel):
@@ -54,6 +56,10 @@ class LongPOGPTModel(GPTModel):
                 use_cpu_initialization=True,
                 cp_group=self.pg_collection.cp,
             )
+
+    takes_mask_spec: bool = True
+    """The core attention reads an :class:`AttentionMask` (project attention); TE's takes
+    ``None`` for causal and does its own context-parallel exchange."""
 
     def _postprocess(self, hidden_states: Tensor, **kwargs) -> Tensor:  # noqa: D102
         return hidden_states
@@ -100,6 +106,9 @@ def transformer_config(
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
         sequence_parallel=layout.sequence_parallel,
+        cp_comm_type=layout.cp_comm_type
+        if layout.cp > 1 and layout.attention_backend == "te"
+        else None,
         use_cpu_initialization=not on_gpu,
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=on_gpu,
@@ -143,6 +152,7 @@ def build_model(
         rotary_base=rotary_base if rotary_base is not None else m.rotary_base,
         pg_collection=groups.pg_collection,
     )
+    model.takes_mask_spec = layout.attention_backend == "local"
     if layout.engine == "gpu":
         model = model.cuda(torch.cuda.current_device())
         model.rotary_pos_emb.to_device(next(model.parameters()).device)

@@ -104,7 +104,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
         distributed.seed_all(cfg.train.seed, groups, cuda=layout.engine == "gpu")
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         dataset, _ = load_dataset(cfg.data, tokenizer)
-        mlayout = model_layout(layout)
+        mlayout = model_layout(layout, cfg.parallel.cp_comm_type)
         policy = None if cfg.reference.load else _initial_policy(cfg, mlayout, groups)
         scorer = build_scorer(cfg, mlayout, groups, tokenizer.pad_id, policy)
         n = precompute(cfg, scorer, dataset, Path(cfg.reference.path), 4 * layout.dp)

@@ -27,7 +27,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _run_model(model: torch.nn.Module, batch: Batch) -> Tensor:
-    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    mask = batch.get("attention_mask") if getattr(unwrap(model), "takes_mask_spec", True) else None
+    return model(batch["tokens"], batch["position_ids"], mask)
 
 
 def make_train_forward_step(loss_layer: LongPOLossLayer) -> ForwardStep:
