@@ -8,8 +8,8 @@
 #
 # cpus-per-task: CPUs for torchrun's 8 workers and data loading (srun gets it explicitly).
 # Preemption / time limit: Slurm sends USR1 to this script 120 s before the limit; the trap
-# requeues the job (same job id), and the requeued run resumes from the latest checkpoint in
-# CKPT_DIR (saved every SAVE_INTERVAL steps; steps after the last save are redone).
+# forwards it to the trainers, which save at the next step boundary and exit; the script then
+# requeues the job (same job id) and the requeued run resumes from CKPT_DIR's latest checkpoint.
 #SBATCH --job-name=longpo-128k
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -71,11 +71,18 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1  # megatron TP/SP comm-compute overlap orde
 export OMP_NUM_THREADS=8
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
-requeue() {
-  echo "$(date -Is) USR1: time limit near; requeueing ${SLURM_JOB_ID} to resume from ${CKPT_DIR}"
-  scontrol requeue "${SLURM_JOB_ID}"
+# Preemption / time limit: Slurm sends USR1 to this script. Forward it to the trainer processes
+# (torchrun itself ignores USR1, see below), let them save at the next step boundary and exit,
+# then requeue. Requeueing first would kill the running step before it saves.
+PREEMPTED=0
+on_usr1() {
+  PREEMPTED=1
+  echo "$(date -Is) USR1: asking the trainers to save a checkpoint and stop"
+  # "[l]ongpo" matches the trainers but not this command line itself.
+  srun --overlap --nodes="${SLURM_NNODES}" --ntasks-per-node=1 \
+    pkill -USR1 -f "[l]ongpo_megatron.train" || true
 }
-trap requeue USR1
+trap on_usr1 USR1
 
 echo "$(date -Is) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NNODES} nodes," \
   "master ${MASTER_ADDR}, load ${LOAD_DIR}"
@@ -84,7 +91,7 @@ echo "$(date -Is) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM
 srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK}" --kill-on-bad-exit=1 \
   --container-image="${CONTAINER}" --container-mounts="${MOUNTS}" \
   --container-workdir=/workspace/longpo --no-container-mount-home \
-  torchrun --nnodes "${SLURM_NNODES}" --nproc-per-node 8 \
+  bash -c 'trap "" USR1; exec "$@"' ignore-usr1 torchrun --nnodes "${SLURM_NNODES}" --nproc-per-node 8 \
     --rdzv-id "${SLURM_JOB_ID}" --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR}:29500" \
     -m longpo_megatron.train experiment="${EXPERIMENT}" \
       data.path="${DATA}" data.tokenizer="${HF_TOKENIZER}" \
@@ -99,4 +106,9 @@ wait "${SRUN_PID}" || rc=$?
 while kill -0 "${SRUN_PID}" 2>/dev/null; do
   wait "${SRUN_PID}" || rc=$?
 done
+if [ "${PREEMPTED}" = 1 ]; then
+  echo "$(date -Is) trainers stopped (rc ${rc}); requeueing ${SLURM_JOB_ID} to resume from ${CKPT_DIR}"
+  scontrol requeue "${SLURM_JOB_ID}"
+  exit 0
+fi
 exit "${rc}"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -86,7 +88,7 @@ def test_sbatch_headers(script: Path) -> None:
     assert "USR1@120" in sbatch_value(text, "signal")
     for flag in ("exclusive", "requeue", "time", "output"):
         sbatch_value(text, flag)
-    assert "--container-image=" in text and "trap requeue USR1" in text
+    assert "--container-image=" in text and "trap on_usr1 USR1" in text
     assert re.search(r"--rdzv-backend c10d --rdzv-endpoint \"?\$\{?MASTER_ADDR\}?:29500", text)
 
 
@@ -156,3 +158,36 @@ def test_script_refuses_unset_paths(script: Path, tmp_path: Path) -> None:
     del env["DATA"]
     run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert run.returncode == 2 and "set DATA" in run.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_usr1_forwards_to_trainers_then_requeues(script: Path, tmp_path: Path) -> None:
+    """On USR1 the trainers are signalled first; requeue happens only after the step ends."""
+    env = _fake_slurm(tmp_path)
+    log, bin_dir = tmp_path / "events", tmp_path / "bin"
+    (bin_dir / "srun").write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *pkill*) echo "signal $*" >> {log}; exit 0;; esac\n'
+        f'printf "%s\\n" "$@" > {tmp_path}/srun.args\n'
+        f"echo step-start >> {log}\nsleep 3\necho step-end >> {log}\n"
+    )
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in requeue) echo "requeue $2" >> {log};; *) echo node-a; echo node-b;; esac\n'
+    )
+    proc = subprocess.Popen(["bash", str(script)], env=env, stderr=subprocess.PIPE, text=True)
+    for _ in range(50):
+        if log.exists() and "step-start" in log.read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    events = log.read_text().splitlines()
+    assert events[0] == "step-start"
+    assert events[1].startswith("signal ") and "-USR1 -f [l]ongpo_megatron.train" in events[1]
+    assert events[2:] == ["step-end", "requeue 42"]
+    argv = (tmp_path / "srun.args").read_text().splitlines()
+    assert argv[argv.index("bash") + 1 : argv.index("torchrun")] == [
+        "-c", 'trap "" USR1; exec "$@"', "ignore-usr1"
+    ]  # fmt: skip
