@@ -177,3 +177,16 @@ def test_signal_saves_exits_cleanly_and_resumes(sig, small_data, uninterrupted, 
     final = checkpoint.resolve(root)
     assert final.name == checkpoint.iter_dir_name(STEPS)
     _same_checkpoint(final, uninterrupted)
+
+
+def test_clear_leftovers_removes_torn_latest_tmp_files(tmp_path):
+    """A kill while `latest` was being replaced leaves `.latest.<pid>.tmp`; the next save clears
+    it (and torn iter dirs) but keeps complete checkpoints and `latest`."""
+    from longpo_megatron.checkpoint import paths
+
+    (tmp_path / ".latest.4242.tmp").write_text("iter_0000003")
+    (tmp_path / "iter_0000004.tmp").mkdir()
+    (tmp_path / "iter_0000002").mkdir()
+    (tmp_path / "latest").write_text("iter_0000002")
+    paths.clear_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "latest"]

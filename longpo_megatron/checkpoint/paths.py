@@ -137,10 +137,13 @@ def remove_tree(path: Path) -> None:
 
 
 def clear_leftovers(root: Path) -> None:
-    """Delete ``*.tmp`` / ``*.del`` directories that killed saves or prunes left behind."""
+    """Delete ``*.tmp`` / ``*.del`` directories and torn ``.latest.*.tmp`` files that killed
+    saves or prunes left behind."""
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith("iter_") and p.name.endswith((TMP_SUFFIX, DEL_SUFFIX)):
             shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and p.name.startswith(f".{LATEST}.") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
 
 
 def _latest_name(root: Path) -> Optional[str]:
