@@ -109,6 +109,28 @@ class HFTokenizerMixin:
         vocab_ids = self.tokenizer.get_vocab().values()
         check_vocab(self.tokenizer_path, len(self.tokenizer), max(vocab_ids), model_name, vocab)
 
+    def _load_local_model(self, cfg: BackendConfig) -> None:
+        """Resolve ``backend.model``, load its tokenizer and config, check their vocabularies."""
+        from transformers import AutoConfig
+
+        self.cfg = cfg
+        self.model_path = local_dir(cfg.model, "backend.model")
+        self._load_tokenizer(cfg)
+        self.model_config = AutoConfig.from_pretrained(
+            self.model_path,
+            local_files_only=True,
+            trust_remote_code=cfg.trust_remote_code,
+            **dict(cfg.config_overrides),
+        )
+        self._check_model_vocab(self.model_path, int(self.model_config.vocab_size))
+
+    def max_model_len(self) -> Optional[int]:
+        """backend.max_model_len, else the model's max_position_embeddings."""
+        if self.cfg.max_model_len:
+            return int(self.cfg.max_model_len)
+        value = getattr(self.model_config, "max_position_embeddings", None)
+        return int(value) if value else None
+
     def count_tokens(self, text: str) -> int:
         """Tokens of plain text, no special tokens added."""
         return len(self.tokenizer.encode(text, add_special_tokens=False))

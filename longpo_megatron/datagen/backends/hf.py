@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 from longpo_megatron.datagen.backends.base import (
     Generation,
     GenerationRequest,
     HFTokenizerMixin,
-    local_dir,
 )
 from longpo_megatron.datagen.config import BackendConfig, SamplingConfig
 
@@ -27,20 +26,9 @@ class HFBackend(HFTokenizerMixin):
     name = "hf"
 
     def __init__(self, cfg: BackendConfig) -> None:
-        from transformers import AutoConfig
-
         if cfg.dtype not in DTYPES:
             raise ValueError(f"backend.dtype={cfg.dtype!r}: must be one of {DTYPES}")
-        self.cfg = cfg
-        self.model_path = local_dir(cfg.model, "backend.model")
-        self._load_tokenizer(cfg)
-        self.model_config = AutoConfig.from_pretrained(
-            self.model_path,
-            local_files_only=True,
-            trust_remote_code=cfg.trust_remote_code,
-            **dict(cfg.config_overrides),
-        )
-        self._check_model_vocab(self.model_path, int(self.model_config.vocab_size))
+        self._load_local_model(cfg)
         self._model: Any = None
         self._device: Any = None
 
@@ -56,13 +44,6 @@ class HFBackend(HFTokenizerMixin):
             "batch_size": self.cfg.batch_size,
             "max_batch_tokens": self.cfg.max_batch_tokens,
         }
-
-    def max_model_len(self) -> Optional[int]:
-        """backend.max_model_len, else the model's max_position_embeddings."""
-        if self.cfg.max_model_len:
-            return int(self.cfg.max_model_len)
-        value = getattr(self.model_config, "max_position_embeddings", None)
-        return int(value) if value else None
 
     def _load(self) -> None:
         import torch

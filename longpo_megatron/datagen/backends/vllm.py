@@ -7,13 +7,12 @@ sampling is seeded per request, so an answer does not depend on what it was batc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 from longpo_megatron.datagen.backends.base import (
     Generation,
     GenerationRequest,
     HFTokenizerMixin,
-    local_dir,
 )
 from longpo_megatron.datagen.config import BackendConfig, SamplingConfig
 
@@ -47,19 +46,8 @@ class VLLMBackend(HFTokenizerMixin):
     name = "vllm"
 
     def __init__(self, cfg: BackendConfig) -> None:
-        from transformers import AutoConfig
-
         self.vllm = import_vllm()
-        self.cfg = cfg
-        self.model_path = local_dir(cfg.model, "backend.model")
-        self._load_tokenizer(cfg)
-        self.model_config = AutoConfig.from_pretrained(
-            self.model_path,
-            local_files_only=True,
-            trust_remote_code=cfg.trust_remote_code,
-            **dict(cfg.config_overrides),
-        )
-        self._check_model_vocab(self.model_path, int(self.model_config.vocab_size))
+        self._load_local_model(cfg)
         self._llm: Any = None
 
     def describe(self) -> dict[str, Any]:
@@ -76,13 +64,6 @@ class VLLMBackend(HFTokenizerMixin):
             "config_overrides": dict(self.cfg.config_overrides),
             "batch_size": self.cfg.batch_size,
         }
-
-    def max_model_len(self) -> Optional[int]:
-        """backend.max_model_len, else the model's max_position_embeddings."""
-        if self.cfg.max_model_len:
-            return int(self.cfg.max_model_len)
-        value = getattr(self.model_config, "max_position_embeddings", None)
-        return int(value) if value else None
 
     def _engine(self) -> Any:
         if self._llm is None:
