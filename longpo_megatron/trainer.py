@@ -131,7 +131,6 @@ class Trainer:
                 g,
                 self.dataset,
                 self.tokenizer.pad_id,
-                self.layout.seq_multiple,
             )
 
     def _online_reference(self):

@@ -275,7 +275,12 @@ def validate_datagen_config(cfg: DatagenConfig) -> None:
         ins.keep_per_chunk,
         "must be in [1, num_questions]",
     )
-    _check(0 <= ins.prefix_probability <= 1, "instructions.prefix_probability", 0, "in [0, 1]")
+    _check(
+        0 <= ins.prefix_probability <= 1,
+        "instructions.prefix_probability",
+        ins.prefix_probability,
+        "in [0, 1]",
+    )
     for name, s in (
         ("instructions.sampling", ins.sampling),
         ("chosen.sampling", cfg.chosen.sampling),

@@ -63,20 +63,13 @@ def score_reference(
     groups: ParallelGroups,
     dataset: PreferenceDataset,
     pad_id: int,
-    pad_to_multiple: int = 1,
-) -> Optional[ReferenceScorer]:
-    """Prepare reference scores per ``reference.mode``; returns the scorer in ``online`` mode.
+) -> None:
+    """Fill ``dataset``'s reference table for ``reference.mode`` initial_policy or precomputed
+    (``online`` keeps a :func:`build_scorer` model and fills it step by step instead).
 
     ``policy`` must still hold the initial weights (fresh start or a weights checkpoint).
-    ``pad_to_multiple`` is unused: reference sequences are never context-parallel.
     """
-    del pad_to_multiple
-    mode = cfg.reference.mode
-    if mode == "precomputed":
+    if cfg.reference.mode == "precomputed":
         load_store(cfg.reference.path, cfg, dataset)
-        return None
-    scorer = build_scorer(cfg, layout, groups, pad_id, policy)
-    if mode == "online":
-        return scorer
-    scorer.fill(dataset, range(len(dataset)))
-    return None
+        return
+    build_scorer(cfg, layout, groups, pad_id, policy).fill(dataset, range(len(dataset)))

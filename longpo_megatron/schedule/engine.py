@@ -5,7 +5,7 @@
 - :class:`MegatronEngine`: megatron's ``get_forward_backward_func`` schedules, Megatron DDP,
   ``get_megatron_optimizer`` (distributed optimizer) — the GPU cluster path.
 
-Both expose ``train_step(forward_step, batches, lr)`` and ``forward_only(forward_step, batches)``.
+Both expose ``train_step(forward_step, batches, lr)``, ``model`` and ``optimizer``.
 """
 
 from __future__ import annotations
@@ -91,21 +91,3 @@ class CpuEngine:
         _set_lr(self.optimizer, lr)
         self.optimizer.step()
         return StepResult(metrics, float(norm))
-
-    @torch.no_grad()
-    def forward_only(self, forward_step: ForwardStep, batches: list[Batch]) -> list[dict]:
-        self.model.eval()
-        return self.schedule(
-            forward_step_func=forward_step,
-            data_iterator=iter(batches),
-            model=self.model,
-            num_microbatches=len(batches),
-            forward_only=True,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])

@@ -7,8 +7,6 @@ schedule and the training loop are the same objects the CPU engine uses.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -64,7 +62,7 @@ class MegatronEngine:
         tcfg.variable_seq_lengths = True
         self.forward_backward = get_forward_backward_func()
 
-    def _run(self, forward_step: ForwardStep, batches: list[Batch], forward_only: bool):
+    def _run(self, forward_step: ForwardStep, batches: list[Batch]):
         seq = max(int(b["tokens"].shape[1]) for b in batches)
         return self.forward_backward(
             forward_step_func=forward_step,
@@ -73,22 +71,14 @@ class MegatronEngine:
             num_microbatches=len(batches),
             seq_length=seq,
             micro_batch_size=self.micro_rows,
-            forward_only=forward_only,
+            forward_only=False,
         )
 
     def train_step(self, forward_step: ForwardStep, batches: list[Batch], lr: float) -> StepResult:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        metrics = self._run(forward_step, batches, forward_only=False)
+        metrics = self._run(forward_step, batches)
         _set_lr(self.optimizer, lr)
         ok, norm, _ = self.optimizer.step()
         return StepResult(list(metrics), float(norm or 0.0), skipped=not ok)
-
-    @torch.no_grad()
-    def forward_only(self, forward_step: ForwardStep, batches: list[Batch]) -> list[dict]:
-        self.model.eval()
-        return list(self._run(forward_step, batches, forward_only=True))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
