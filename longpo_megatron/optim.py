@@ -50,12 +50,13 @@ def grad_norm(
     TP rank 0, so nothing is counted twice. The squared sum is all-reduced over the model-parallel
     (TP×PP) group; DP/CP replicas hold identical, already averaged gradients.
     """
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            sq = sq + p.grad.detach().double().pow(2).sum().cpu()
+    counted = [
+        p.grad.detach().double().pow(2).sum()
+        for p in params
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+    ]
+    # one device-to-host copy, not one per parameter
+    sq = torch.stack(counted).sum().cpu() if counted else torch.zeros((), dtype=torch.float64)
     if mp_group.size() > 1:
         dist.all_reduce(sq, group=mp_group)
     return sq.sqrt()
