@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from longpo_megatron.config import Config
+from longpo_megatron.errors import UserError
 
 BYTE_TOKENIZER_VOCAB = 264
 """Vocabulary of the project byte tokenizer (``data.tokenizer=byte``)."""
@@ -58,7 +59,7 @@ UNIT_INTERVAL = ("optim.warmup_fraction", "optim.adam_beta1", "optim.adam_beta2"
 """Keys that must lie in [0, 1)."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key, the value and the rule."""
 
 

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Optional, Union
 
+from longpo_megatron.errors import UserError
+
 LATEST = "latest"
 """Text file in the root naming the newest complete iteration directory."""
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -24,7 +26,7 @@ COMPLETE_FILES = ("metadata.json", ".metadata", "common.pt")
 """Files every complete iteration directory holds."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be saved or loaded; the message names the path (and key)."""
 
 

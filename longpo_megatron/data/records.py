@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from longpo_megatron.errors import UserError
+
 SCHEMA_VERSION = 1
 POLICIES = ("error", "skip")
 TURN_FIELDS = ("instruction", "short_context", "chosen", "rejected")
 RECORD_FIELDS = ("schema_version", "id", "document", "turns", "metadata")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """One invalid record: ``reason`` is a short class key (e.g. ``missing_field``)."""
 
     def __init__(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from longpo_megatron.errors import UserError
+
 STAGES = ("chunk", "instructions", "chosen", "rejected", "records")
 """Pipeline stages in order; ``all`` runs them in turn, ``merge`` joins finished shards."""
 
@@ -227,7 +229,7 @@ def to_datagen_config(cfg: Any) -> DatagenConfig:
     return to_typed(cfg, DatagenConfig, "longpo_megatron/datagen/config.py")
 
 
-class DatagenConfigError(ValueError):
+class DatagenConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key and the rule."""
 
 

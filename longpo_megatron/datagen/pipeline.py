@@ -43,12 +43,13 @@ from longpo_megatron.datagen.store import (
     write_atomic,
     write_jsonl_atomic,
 )
+from longpo_megatron.errors import UserError
 
 UPSTREAM = {"instructions": "chunk", "chosen": "instructions", "rejected": "instructions"}
 TOOL = "longpo-datagen/1"
 
 
-class StageStateError(RuntimeError):
+class StageStateError(UserError, RuntimeError):
     """Outputs on disk do not fit this run (other settings, or a stage not finished)."""
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from longpo_megatron.config import ModelConfig
+from longpo_megatron.errors import UserError
 
 # family -> (HF architecture class name, HF model_type)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -22,7 +23,7 @@ _FAMILY_OF_ARCH = {arch: fam for fam, (arch, _) in ARCHITECTURES.items()}
 _FAMILY_OF_TYPE = {mtype: fam for fam, (_, mtype) in ARCHITECTURES.items()}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Input that cannot be converted (unsupported architecture, bad shapes, missing files)."""
 
 

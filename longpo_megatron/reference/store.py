@@ -19,6 +19,7 @@ from typing import Any
 
 from longpo_megatron.config import Config
 from longpo_megatron.data.dataset import PreferenceDataset
+from longpo_megatron.errors import UserError
 from longpo_megatron.reference.sequences import fingerprint, view_of
 
 FORMAT = "longpo-ref-logps"
@@ -27,7 +28,7 @@ POLICY_ONLY = ("name", "rotary_base", "recompute", "attention_backend", "init_me
 """ModelConfig fields that do not change the reference's numbers."""
 
 
-class ReferenceStoreError(ValueError):
+class ReferenceStoreError(UserError, ValueError):
     """A stored reference score that cannot be used (names the file, line or record)."""
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, runtime_checkable
 
 from longpo_megatron.datagen.config import BackendConfig, SamplingConfig
+from longpo_megatron.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class GenerationBackend(Protocol):
         ...
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(UserError, ValueError):
     """The tokenizer cannot drive the model (ids past the embedding)."""
 
 
