@@ -21,6 +21,10 @@ T = TypeVar("T")
 USER_ERROR_EXIT_CODE = 2
 """Exit status of a process stopped by a user error (argparse's convention)."""
 
+REQUEUE_EXIT_CODE = 3
+"""Exit status of a run that stopped cleanly before its time limit, saved, and wants to be
+requeued (the Slurm launcher turns it into ``scontrol requeue``)."""
+
 
 class UserError(Exception):
     """A mistake in the user's input: the message names the file/record/key and the rule broken."""
