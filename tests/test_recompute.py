@@ -55,3 +55,16 @@ def test_recompute_variants_are_chosen_in_the_spec():
     assert local_layer_spec("full").module is RecomputedTransformerLayer
     attn = local_layer_spec("selective").submodules.self_attention.submodules.core_attention
     assert attn is RecomputedLocalCoreAttention
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_is_done_once_on_the_gpu_layout(mode):
+    """Local spec: the module variant recomputes, megatron's config does not (no double
+    recompute); TE spec: megatron's config does."""
+    from longpo_megatron.model.gpt import transformer_config
+
+    cfg = ModelConfig(recompute=mode)
+    local = transformer_config(cfg, ModelLayout(1, 1, 1, False, "local", "gpu", "bf16"))
+    assert local.recompute_granularity is None
+    te = transformer_config(cfg, ModelLayout(1, 1, 1, False, "te", "gpu", "bf16"))
+    assert te.recompute_granularity == mode

@@ -77,14 +77,17 @@ def transformer_config(
     """megatron ``TransformerConfig`` for a Mistral/Llama/Qwen2-family model."""
     bf16 = layout.precision == "bf16"
     on_gpu = layout.engine == "gpu"
+    # the local spec recomputes by module variant (spec.py); megatron's own recompute on top of it
+    # would run every layer's forward three times per step, so it is configured for TE only
+    by_megatron = on_gpu and layout.attention_backend == "te"
     recompute = {}
-    if on_gpu and m.recompute == "full":
+    if by_megatron and m.recompute == "full":
         recompute = dict(
             recompute_granularity="full",
             recompute_method="uniform",
             recompute_num_layers=recompute_layers or 1,
         )
-    elif on_gpu and m.recompute == "selective":
+    elif by_megatron and m.recompute == "selective":
         recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     return TransformerConfig(
         num_layers=m.num_layers,
