@@ -404,7 +404,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.deadline and args.deadline > time.time():
         signal.signal(signal.SIGALRM, _on_alarm)
         signal.alarm(max(1, int(args.deadline - time.time())))
-    groups, rows = _groups(cuda), []
+    groups, rows = None, []
     try:
         for seq in sorted(args.seq):
             for impl in args.impl:
@@ -413,6 +413,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if left <= 0 or (est is not None and est > left):
                     why = f"{max(left, 0):.0f} s left" + (f", estimated {est:.0f} s" if est else "")
                     raise _Stop(not_started(impl, seq, seq >= args.recompute_from, why))
+                groups = groups or _groups(cuda)
                 rows.append(run_case(args, impl, seq, model, cuda, groups))
                 print(f"{impl} seq={seq}: {rows[-1]['status']} ({rows[-1]['wall_s']:.1f} s)")
                 write(args, meta, rows)

@@ -11,7 +11,7 @@
 #   GPU_CHECK_BUDGET_S    the whole check's wall-clock budget in seconds (default 480 = 8 min)
 #   GPU_CHECK_BENCH_S     seconds kept for the benchmark when the tests start (default 210)
 #   GPU_CHECK_MIN_PART_S  a part starts only with at least this many seconds left (default 30)
-#   GPU_CHECK_PARTS       parts to run, in order (default "tests bench")
+#   GPU_CHECK_PARTS       parts to run, in order (default "tests bench"; "" = install only)
 #   WHEEL_DIR             the carried wheels (default .whl, filled by scripts/fetch_gpu_wheels.sh)
 #   GPU_CHECK_SITE        where the wheels are installed (default /tmp/longpo-site)
 #   GPU_CHECK_WHEELS      dist==version:module of each carried wheel (default: the four below)
@@ -30,7 +30,7 @@ PY=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 BENCH_S=${GPU_CHECK_BENCH_S:-210}
 MIN_PART_S=${GPU_CHECK_MIN_PART_S:-30}
-PARTS=${GPU_CHECK_PARTS:-tests bench}
+PARTS=${GPU_CHECK_PARTS-tests bench}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
 SITE=${GPU_CHECK_SITE:-/tmp/longpo-site}
 WHEELS=${GPU_CHECK_WHEELS:-megatron-core==0.16.1:megatron.core hydra-core==1.3.2:hydra \
