@@ -33,6 +33,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -239,9 +240,11 @@ def measure(step, cuda: bool, warmup: int, steps: int) -> dict[str, float]:
 def run_case(args, impl: str, seq: int, m: ModelConfig, cuda: bool, groups) -> dict[str, Any]:
     """One (implementation, length) row; failures (OOM included) become a row's status."""
     row: dict[str, Any] = {"impl": impl, "seq": seq, "recompute": seq >= args.recompute_from}
-    t0 = time.perf_counter()
+    gc.collect()  # the previous case's models (reference cycles) before measuring this one
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     try:
         mm = replace(m, recompute="full" if row["recompute"] else "none")
         if impl == "project":
@@ -258,13 +261,11 @@ def run_case(args, impl: str, seq: int, m: ModelConfig, cuda: bool, groups) -> d
     except (DeadlineReached, KeyboardInterrupt):
         row["status"] = "stopped (deadline)"
         raise _Stop(row) from None
-    except Exception as e:  # a broken case is reported, the others still run
-        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    except Exception as e:  # a broken case is reported (traceback in the log), the others run
+        traceback.print_exc()
+        row["status"] = f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
     finally:
         row["wall_s"] = time.perf_counter() - t0
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
     return row
 
 
@@ -354,7 +355,9 @@ def _groups(cuda: bool):
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, nargs="+", help="tokens per sequence (default 8K 32K 64K)")
-    ap.add_argument("--impl", nargs="+", default=["project", "authors"])
+    ap.add_argument(
+        "--impl", nargs="+", default=["project", "authors"], choices=["project", "authors"]
+    )
     ap.add_argument("--steps", type=int, default=2, help="timed steps per case")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument(
@@ -420,6 +423,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         meta["complete"] = True
     except _Stop as stop:
         rows.append(stop.row)
+    except (DeadlineReached, KeyboardInterrupt):
+        pass  # between cases: every finished row is already in rows
     signal.alarm(0)
     print(write(args, meta, rows))
     if not meta["complete"]:
