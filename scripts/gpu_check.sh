@@ -12,6 +12,7 @@
 #   GPU_CHECK_BENCH_S     seconds kept for the benchmark when the tests start (default 210)
 #   GPU_CHECK_MIN_PART_S  a part starts only with at least this many seconds left (default 30)
 #   GPU_CHECK_PARTS       parts to run, in order (default "tests bench"; "" = install only)
+#   GPU_CHECK_TESTS       the pytest targets of the tests part (default tests/test_gpu.py)
 #   WHEEL_DIR             the carried wheels (default .whl, filled by scripts/fetch_gpu_wheels.sh)
 #   GPU_CHECK_SITE        where the wheels are installed (default /tmp/longpo-site)
 #   GPU_CHECK_WHEELS      dist==version:module of each carried wheel (default: the four below)
@@ -31,6 +32,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 BENCH_S=${GPU_CHECK_BENCH_S:-210}
 MIN_PART_S=${GPU_CHECK_MIN_PART_S:-30}
 PARTS=${GPU_CHECK_PARTS-tests bench}
+TESTS=${GPU_CHECK_TESTS:-tests/test_gpu.py}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
 SITE=${GPU_CHECK_SITE:-/tmp/longpo-site}
 WHEELS=${GPU_CHECK_WHEELS:-megatron-core==0.16.1:megatron.core hydra-core==1.3.2:hydra \
@@ -127,7 +129,8 @@ run_tests() {
   local t=$(($(left) - BENCH_S))
   [ "$t" -ge "$MIN_PART_S" ] || t=$(left)
   say "tests: pytest -m gpu, at most $t s"
-  timeout -s INT -k 20 "$t" "$PY" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -v -rA \
+  # shellcheck disable=SC2086 # TESTS may name several targets
+  timeout -s INT -k 20 "$t" "$PY" -m pytest -m gpu $TESTS -p no:cacheprovider -v -rA \
     --timeout="$t" --junitxml="$OUT/junit-gpu.xml" >"$OUT/pytest.log" 2>&1
   local rc=$?
   tail -n 25 "$OUT/pytest.log"

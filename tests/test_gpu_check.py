@@ -145,6 +145,32 @@ def test_parts_that_do_not_fit_the_budget_are_not_started(tmp_path):
     assert not (out / "pytest.log").exists() and not (out / "bench.log").exists()
 
 
+@pytest.mark.slow
+def test_tests_cut_by_the_budget_keep_the_finished_outcomes(tmp_path):
+    """SIGINT at the budget: pytest still writes the JUnit XML of the tests that finished."""
+    target = tmp_path / "test_slow_tier.py"
+    target.write_text(
+        "import time\nimport pytest\npytestmark = pytest.mark.gpu\n"
+        "def test_fast():\n    pass\n"
+        "def test_slow():\n    time.sleep(120)\n"
+    )
+    rc, log, out = _check(
+        tmp_path,
+        GPU_CHECK_FAKE_CUDA="1",
+        GPU_CHECK_PARTS="tests",
+        GPU_CHECK_TESTS=str(target),
+        GPU_CHECK_BUDGET_S="15",
+        GPU_CHECK_BENCH_S="0",
+        GPU_CHECK_MIN_PART_S="1",
+    )
+    assert rc == 4, log
+    summary = (out / "summary.md").read_text()
+    assert "- tests: STOPPED by the time budget" in summary
+    junit = gpu_check_report.junit_outcomes(out / "junit-gpu.xml")
+    outcomes = {name.split("::")[-1]: outcome for name, outcome, _ in junit}
+    assert outcomes.get("test_fast") == "passed", outcomes
+
+
 def test_unknown_part_is_refused(tmp_path):
     rc, log, _ = _check(tmp_path, GPU_CHECK_FAKE_CUDA="1", GPU_CHECK_PARTS="nonsense")
     assert rc == 2 and "unknown part 'nonsense'" in log
