@@ -42,7 +42,7 @@ if ! ls "$DEST"/antlr4_python3_runtime-4.9.3-*.whl >/dev/null 2>&1; then
 fi
 
 # one version of each project: two wheels of one name stop the install on the device
-dupes=$(ls "$DEST"/*.whl | xargs -n1 basename | cut -d- -f1 | tr 'A-Z-' 'a-z_' | sort | uniq -d)
+dupes=$(for f in "$DEST"/*.whl; do f=${f##*/}; echo "${f%%-*}"; done | tr 'A-Z-' 'a-z_' | sort | uniq -d)
 if [ -n "$dupes" ]; then
   echo "error: $DEST holds several versions of: $dupes (remove the extra wheels)" >&2
   exit 1

@@ -24,7 +24,7 @@
 # Files in $OUT: check.log, summary.md, versions.txt, junit-gpu.xml, pytest.log, bench.json,
 # bench.md, bench.log (8 files: what the device tool brings back).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
 OUT=${OUT:-$ROOT/outputs/gpu-check}
 PY=${PYTHON:-python3}
@@ -79,30 +79,34 @@ fi
 
 # --- 2. install what the image lacks, from the carried wheels only ---------------------------
 install_wheels() {
-  local need wheels=() spec name ver matches
-  need=$("$PY" "${REPORT[@]}" missing --wheels "$WHEELS") || return 2
-  if [ -z "$need" ]; then
+  local need spec name ver f base wheels=() found
+  need=$("$PY" "${REPORT[@]}" missing --wheels "$WHEELS" | tr '\n' ' ') || return 2
+  if [ -z "${need// /}" ]; then
     say "all carried packages are already installed: nothing to install"
     return 0
   fi
   if [ ! -d "$WHEEL_DIR" ]; then
-    say "error: not installed: $(echo $need); no wheel folder '$WHEEL_DIR' was carried." \
+    say "error: not installed: $need; no wheel folder '$WHEEL_DIR' was carried." \
       "Run scripts/fetch_gpu_wheels.sh here and pass carry=[\"$WHEEL_DIR\"] to the device run"
     return 3
   fi
   for spec in $need; do
     name=$(echo "${spec%%==*}" | tr 'A-Z-' 'a-z_')
     ver=${spec#*==}
-    matches=$(ls "$WHEEL_DIR"/*.whl 2>/dev/null | grep -i "/${name}-[^-]*-" || true)
-    if [ "$(echo "$matches" | grep -ci "/${name}-${ver}-")" != 1 ] ||
-      [ "$(echo "$matches" | grep -c .)" != 1 ]; then
+    found=()
+    for f in "$WHEEL_DIR"/*.whl; do
+      [ -e "$f" ] || continue
+      base=${f##*/}
+      [[ ${base,,} == "${name}-"* ]] && found+=("$f")
+    done
+    if [ ${#found[@]} != 1 ] || [[ ${found[0]##*/} != "${name}-${ver}-"* ]]; then
       say "error: $spec is not installed and '$WHEEL_DIR' must hold exactly one ${name}-${ver}-*.whl" \
-        "(found: $(echo $matches | xargs -r -n1 basename | tr '\n' ' ')). Rerun scripts/fetch_gpu_wheels.sh"
+        "(found: ${found[*]##*/}). Rerun scripts/fetch_gpu_wheels.sh"
       return 3
     fi
-    wheels+=("$matches")
+    wheels+=("${found[0]}")
   done
-  say "installing from $WHEEL_DIR into $SITE (no network): $(echo $need)"
+  say "installing from $WHEEL_DIR into $SITE (no network): $need"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" "${wheels[@]}" || { say "error: pip could not install ${wheels[*]}"; return 3; }
   export PYTHONPATH="$SITE:$PYTHONPATH"
