@@ -43,6 +43,9 @@ REPORT=(tools/gpu_check_report.py)
 
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/check.log") 2>&1
+TEE_PID=$!
+# at exit, close the pipe and let tee finish writing check.log before the device collects $OUT
+trap 'exec 1>&- 2>&-; wait "$TEE_PID" 2>/dev/null || true' EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT:${PYTHONPATH:-}"
 say() { echo "gpu_check: $*"; }
 left() { echo $((DEADLINE - $(date +%s))); }
