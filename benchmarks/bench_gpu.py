@@ -417,6 +417,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     why = f"{max(left, 0):.0f} s left" + (f", estimated {est:.0f} s" if est else "")
                     raise _Stop(not_started(impl, seq, seq >= args.recompute_from, why))
                 groups = groups or _groups(cuda)
+                print(f"{impl} seq={seq}: starting", flush=True)
                 rows.append(run_case(args, impl, seq, model, cuda, groups))
                 print(f"{impl} seq={seq}: {rows[-1]['status']} ({rows[-1]['wall_s']:.1f} s)")
                 write(args, meta, rows)

@@ -11,6 +11,7 @@
 #   GPU_CHECK_BUDGET_S    the whole check's wall-clock budget in seconds (default 480 = 8 min)
 #   GPU_CHECK_BENCH_S     seconds kept for the benchmark when the tests start (default 210)
 #   GPU_CHECK_MIN_PART_S  a part starts only with at least this many seconds left (default 30)
+#   GPU_CHECK_TEST_TIMEOUT_S  one test's limit (pytest-timeout; default 150): a hang costs no more
 #   GPU_CHECK_PARTS       parts to run, in order (default "tests bench"; "" = install only)
 #   GPU_CHECK_TESTS       the pytest targets of the tests part (default tests/test_gpu.py)
 #   WHEEL_DIR             the carried wheels (default .whl, filled by scripts/fetch_gpu_wheels.sh)
@@ -31,6 +32,7 @@ PY=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 BENCH_S=${GPU_CHECK_BENCH_S:-210}
 MIN_PART_S=${GPU_CHECK_MIN_PART_S:-30}
+TEST_TIMEOUT_S=${GPU_CHECK_TEST_TIMEOUT_S:-150}
 PARTS=${GPU_CHECK_PARTS-tests bench}
 TESTS=${GPU_CHECK_TESTS:-tests/test_gpu.py}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
@@ -135,10 +137,11 @@ too_late() { [ "$(left)" -lt "$MIN_PART_S" ]; }
 run_tests() {
   local t=$(($(left) - BENCH_S))
   [ "$t" -ge "$MIN_PART_S" ] || t=$(left)
-  say "tests: pytest -m gpu, at most $t s"
+  local per_test=$((t < TEST_TIMEOUT_S ? t : TEST_TIMEOUT_S))
+  say "tests: pytest -m gpu, at most $t s (one test at most $per_test s)"
   # shellcheck disable=SC2086 # TESTS may name several targets
   timeout -s INT -k 20 "$t" "$PY" -m pytest -m gpu $TESTS -p no:cacheprovider -v -rA \
-    --timeout="$t" --junitxml="$OUT/junit-gpu.xml" >"$OUT/pytest.log" 2>&1
+    --timeout="$per_test" --junitxml="$OUT/junit-gpu.xml" >"$OUT/pytest.log" 2>&1
   local rc=$?
   tail -n 25 "$OUT/pytest.log"
   case $rc in

@@ -145,15 +145,39 @@ def test_parts_that_do_not_fit_the_budget_are_not_started(tmp_path):
     assert not (out / "pytest.log").exists() and not (out / "bench.log").exists()
 
 
-@pytest.mark.slow
-def test_tests_cut_by_the_budget_keep_the_finished_outcomes(tmp_path):
-    """SIGINT at the budget: pytest still writes the JUnit XML of the tests that finished."""
+def _slow_tier(tmp_path: Path) -> Path:
+    """A stand-in test tier: one fast test, one that hangs for two minutes."""
     target = tmp_path / "test_slow_tier.py"
     target.write_text(
         "import time\nimport pytest\npytestmark = pytest.mark.gpu\n"
         "def test_fast():\n    pass\n"
         "def test_slow():\n    time.sleep(120)\n"
     )
+    return target
+
+
+def _junit(out: Path) -> dict[str, str]:
+    rows = gpu_check_report.junit_outcomes(out / "junit-gpu.xml")
+    return {name.split("::")[-1]: outcome for name, outcome, _ in rows}
+
+
+def test_a_hanging_test_fails_alone(tmp_path):
+    rc, log, out = _check(
+        tmp_path,
+        GPU_CHECK_FAKE_CUDA="1",
+        GPU_CHECK_PARTS="tests",
+        GPU_CHECK_TESTS=str(_slow_tier(tmp_path)),
+        GPU_CHECK_TEST_TIMEOUT_S="3",
+    )
+    assert rc == 1, log
+    assert _junit(out) == {"test_fast": "passed", "test_slow": "FAILED"}
+    assert "- tests: FAILED (pytest exit 1)" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_tests_cut_by_the_budget_keep_the_finished_outcomes(tmp_path):
+    """SIGINT at the budget: pytest still writes the JUnit XML of the tests that finished."""
+    target = _slow_tier(tmp_path)
     rc, log, out = _check(
         tmp_path,
         GPU_CHECK_FAKE_CUDA="1",
@@ -166,9 +190,7 @@ def test_tests_cut_by_the_budget_keep_the_finished_outcomes(tmp_path):
     assert rc == 4, log
     summary = (out / "summary.md").read_text()
     assert "- tests: STOPPED by the time budget" in summary
-    junit = gpu_check_report.junit_outcomes(out / "junit-gpu.xml")
-    outcomes = {name.split("::")[-1]: outcome for name, outcome, _ in junit}
-    assert outcomes.get("test_fast") == "passed", outcomes
+    assert _junit(out).get("test_fast") == "passed"
 
 
 def test_unknown_part_is_refused(tmp_path):
