@@ -40,6 +40,8 @@ BF16_WEIGHT_TOL = 1e-2
 """bf16 vs fp32 after 10 steps, whole-model weight relative error. Measured on CPU as above:
 2.2e-3 (bf16 rounding of the weights alone is ≈ 1e-3)."""
 OPTIM = dict(lr=1e-3, min_lr=1e-4, weight_decay=0.1, clip_grad=1.0, adam_eps=1e-6)
+REF_HYPER = dict(beta=0.1, lam=0.5, nll_scope="full")
+"""The objective's settings, for the loss layer and for reference_impl alike."""
 TRAIN_ITERS = 10
 
 
@@ -133,7 +135,7 @@ def _forward_step(groups):
     from longpo_megatron.loss.layer import LongPOLossLayer, LossGroups
     from longpo_megatron.schedule.forward_step import make_train_forward_step
 
-    loss = LongPOLossLayer(LongPOConfig(beta=0.1, lam=0.5), LossGroups(groups.tp, groups.cp))
+    loss = LongPOLossLayer(LongPOConfig(**REF_HYPER), LossGroups(groups.tp, groups.cp))
     return make_train_forward_step(loss)
 
 
@@ -149,6 +151,49 @@ def _train(engine, groups, batches, start: int = 0) -> list[dict[str, float]]:
         sums = {k: sum(float(m[k].sum()) for m in result.metrics) for k in result.metrics[0]}
         out.append(sums | {"grad_norm": result.grad_norm})
     return out
+
+
+def _full_state(model: torch.nn.Module, groups) -> dict[str, torch.Tensor]:
+    """Weights in the canonical megatron layout the reference implementation reads."""
+    from gather import gather_full_state
+
+    return gather_full_state(model, groups, num_layers=_model_cfg().num_layers)
+
+
+def _reference_run(model: torch.nn.Module, groups, batches):
+    """The same steps replayed on CPU by ``reference_impl`` (plain PyTorch) from ``model``'s
+    weights: per step (mean loss, metrics, grad norm) and the final weights."""
+    from parity_common import ref_config
+    from reference_impl import from_megatron_state_dict, reference_train, to_megatron_state_dict
+
+    from longpo_megatron.config import OptimConfig
+
+    cfg, opt = ref_config(), OptimConfig(**OPTIM)
+    ref = from_megatron_state_dict(_full_state(model, groups), cfg)
+    cpu = [[{k: v.cpu() for k, v in mb.items()} for mb in step] for step in batches]
+    history = reference_train(
+        ref,
+        cpu,
+        steps=len(cpu),
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        warmup_fraction=opt.warmup_fraction,
+        train_iters=TRAIN_ITERS,
+        weight_decay=opt.weight_decay,
+        betas=(opt.adam_beta1, opt.adam_beta2),
+        eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        **REF_HYPER,
+    )
+    return history, to_megatron_state_dict(ref, cfg)
+
+
+def _assert_matches_reference(got, final, ref_history, ref_final) -> None:
+    """Per step loss and grad norm, final weights: the tolerances of test_parallel_parity."""
+    for step, (g, (loss, _, norm)) in enumerate(zip(got, ref_history)):
+        assert g["loss"] / g["pairs"] == pytest.approx(loss, rel=FP32_TOL), f"step {step} loss"
+        assert g["grad_norm"] == pytest.approx(norm, rel=FP32_TOL), f"step {step} grad norm"
+    assert_tensors_close(final, ref_final, FP32_TOL, "weights vs reference_impl", 1e-4)
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -181,10 +226,12 @@ def test_local_attention_cuda_matches_cpu():
 
 @pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distopt", "plainopt"])
 def test_megatron_engine_matches_project_engine(groups, distributed_optimizer):
-    """3 steps, fp32, same weights and batches: megatron's path equals the project engine."""
+    """3 steps, fp32, same weights and batches: megatron's path equals the project engine, and
+    both equal the independent plain-PyTorch reference replaying the steps on CPU."""
     ours_model = _build(groups)
     theirs_model = _twin(ours_model, groups)
     batches = _steps(3)
+    ref_history, ref_final = _reference_run(ours_model, groups, batches)
     ours = _train(_engine("cpu", ours_model, groups), groups, batches)
     theirs = _train(
         _engine("megatron", theirs_model, groups, distributed_optimizer), groups, batches
@@ -195,6 +242,7 @@ def test_megatron_engine_matches_project_engine(groups, distributed_optimizer):
             tol = FP32_TOL * max(1.0, abs(b[key]))  # relative; metrics near 0 absolutely
             assert abs(a[key] - b[key]) <= tol, f"step {step} {key}: {a[key]} vs {b[key]}"
     assert_tensors_close(_weights(theirs_model), _weights(ours_model), FP32_TOL, "weights")
+    _assert_matches_reference(theirs, _full_state(theirs_model, groups), ref_history, ref_final)
 
 
 def test_bf16_tracks_fp32_over_10_steps(groups):
