@@ -431,7 +431,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not meta["complete"]:
         print("bench: stopped at the deadline; the table holds what was measured")
         return 4
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    # OOM is a measurement (that way does not fit on this GPU); an error is a broken case
+    return 1 if any(r["status"].startswith("error") for r in rows) else 0
 
 
 if __name__ == "__main__":
