@@ -112,7 +112,8 @@ install_wheels() {
     wheels+=("${found[0]}")
   done
   say "installing from $WHEEL_DIR into $SITE (no network): $need"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" "${wheels[@]}" || { say "error: pip could not install ${wheels[*]}"; return 3; }
   export PYTHONPATH="$SITE:$PYTHONPATH"
 }
