@@ -42,7 +42,6 @@ from longpo_megatron.data.prepared import (
 )
 from longpo_megatron.data.records import (
     SCHEMA_VERSION,
-    DataReport,
     RecordError,
     _parse_line,
 )

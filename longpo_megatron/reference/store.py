@@ -20,7 +20,7 @@ from typing import Any
 from longpo_megatron.config import Config
 from longpo_megatron.data.dataset import PreferenceDataset
 from longpo_megatron.errors import UserError
-from longpo_megatron.reference.sequences import fingerprint, view_of
+from longpo_megatron.reference.sequences import view_of
 
 FORMAT = "longpo-ref-logps"
 VERSION = 1
@@ -141,15 +141,13 @@ def load_store(path: str | Path, cfg: Config, dataset: PreferenceDataset) -> Non
         rows[row["id"]] = (lineno, row)
     view = view_of(cfg.longpo.loss)
     for i in range(len(dataset)):
-        pair = dataset[i]
-        if pair.record_id not in rows:
+        record_id = dataset.record_id(i)  # no token reads: prepared data stores fingerprints
+        if record_id not in rows:
+            raise ReferenceStoreError(f"{path}: no reference log-probs for record {record_id!r}")
+        lineno, row = rows[record_id]
+        if row["fingerprint"] != dataset.pair_fingerprint(i, view):
             raise ReferenceStoreError(
-                f"{path}: no reference log-probs for record {pair.record_id!r}"
-            )
-        lineno, row = rows[pair.record_id]
-        if row["fingerprint"] != fingerprint(pair, view):
-            raise ReferenceStoreError(
-                f"{path}, line {lineno}, record {pair.record_id!r}: stored log-probs were computed "
+                f"{path}, line {lineno}, record {record_id!r}: stored log-probs were computed "
                 "on other tokens (edited record, other tokenizer/template, or other loss view)"
             )
         dataset.set_ref_logps(i, float(sum(row["chosen"])), float(sum(row["rejected"])))
