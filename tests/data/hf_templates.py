@@ -61,8 +61,7 @@ def record_texts(path: Path) -> list[str]:
 
 
 def _backend(style: str, specials: list[str], texts: Iterable[str], vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if style == "mistral":
         tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
