@@ -36,7 +36,11 @@ def reference_identity(cfg: Config) -> dict[str, Any]:
     """What must match between the stored scores and a training run."""
     model = {k: v for k, v in vars(cfg.model).items() if k not in POLICY_ONLY}
     model["reference_rotary_base"] = cfg.model.reference_rotary_base or cfg.model.rotary_base
-    weights = cfg.reference.load or cfg.checkpoint.load or f"random init, seed {cfg.train.seed}"
+    par = cfg.parallel  # a random init depends on the layout, loaded weights do not
+    init = f"random init, seed {cfg.train.seed}, tp {par.tensor_model_parallel_size}, pp "
+    weights = cfg.reference.load or cfg.checkpoint.load or init + str(
+        par.pipeline_model_parallel_size
+    )
     return {
         "model": model,
         "weights": str(weights),
