@@ -148,6 +148,8 @@ def check_compatible(
             )
     for key in LIMIT_KEYS if data_cfg is not None else ():
         run = getattr(data_cfg, key)
+        if key == "over_length_policy" and not meta["skipped"]:
+            continue  # nothing was skipped: the data is the same under either policy
         if meta["limits"].get(key) != run:
             raise PreparedDataError(
                 f"{path}: prepared with {key}={meta['limits'].get(key)!r} but this run has "
@@ -302,7 +304,7 @@ class PreparedDataset(PreferenceDataset):
             and np.array_equal(lengths[first + 1], t["long_rejected"])
         ):
             raise PreparedDataError(f"{idx}: long sequence lengths disagree with {TABLE}")
-        if self.ids.document_indices.tolist() != list(range(len(t) + 1)):
+        if not np.array_equal(self.ids.document_indices, np.arange(len(t) + 1)):
             raise PreparedDataError(f"{self.root / 'ids.idx'}: not one id per record")
 
     def __len__(self) -> int:

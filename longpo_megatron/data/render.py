@@ -84,10 +84,13 @@ def _hf_render(tok: HFChatTokenizer, pairs: Pairs) -> ShortSeq:
     mask: list[bool] = []
     done = 0
     for turn, (p_cut, f_cut) in enumerate(cuts):
+        # today's renderer checks prompt_k against full_k ("the assistant response" of turn k),
+        # then full_k against prompt_k+1 ("the user message" of turn k+1)
         n_prompt, n_full = _boundary(ends, starts, p_cut), _boundary(ends, starts, f_cut)
-        if n_prompt is None or n_full is None:
-            what = "the user message" if n_prompt is None else "the assistant response"
-            raise tok.not_prefix_stable(turn, what)
+        if n_prompt is None:
+            raise tok.not_prefix_stable(turn, "the assistant response")
+        if n_full is None:
+            raise tok.not_prefix_stable(turn + 1, "the user message")
         mask += [False] * (n_prompt - done)
         mask += tok._span_mask(ids[n_prompt:n_full], turn)
         done = n_full

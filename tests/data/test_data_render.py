@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from longpo_megatron.data.records import read_records
-from longpo_megatron.data.render import mask_to_spans, render_record, spans_to_mask
+from longpo_megatron.data.render import mask_to_spans, render_fast, render_record, spans_to_mask
 from longpo_megatron.data.tokenize import tokenize_record
 from longpo_megatron.data.tokenizer import ByteChatTokenizer, HFChatTokenizer
 from tests.data.hf_templates import STYLES, make_hf_tokenizer, record_texts
@@ -74,3 +74,27 @@ def test_spans_round_trip() -> None:
         spans = mask_to_spans(mask)
         assert spans_to_mask(spans, len(mask)) == mask
     assert mask_to_spans([False, True, True, False, True]).tolist() == [1, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # a token straddles the prompt/response boundary ("hello" + "world" -> one unknown word)
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}<|end|>"
+        "{% endif %}{% endfor %}",
+        # the rendering of a prompt is not a text prefix of the rendering with the response
+        "{% if messages[-1]['role'] == 'assistant' %}<|sep|>{% endif %}{% for m in messages %}"
+        "{{ m['content'] }} <|end|>{% endfor %}",
+    ],
+    ids=["straddle", "rewrites"],
+)
+def test_unstable_templates_refused_like_today(tmp_path, template) -> None:
+    from tests.data.test_data_tokenizer import _save_tiny_hf
+
+    tok = HFChatTokenizer(_save_tiny_hf(tmp_path / "tok", template))
+    pairs = [("hello", "world")]
+    with pytest.raises(ValueError, match="not prefix-stable") as want:
+        tok.render_turns(pairs)
+    with pytest.raises(ValueError, match="not prefix-stable") as got:
+        render_fast(tok, pairs)
+    assert str(got.value) == str(want.value)
