@@ -375,7 +375,11 @@ def _prepare_cached(data_cfg: Any, tok: ChatTokenizer) -> Path:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    prepare(job, tmp, workers=int(data_cfg.preprocess_workers), source=source)
+    try:
+        prepare(job, tmp, workers=int(data_cfg.preprocess_workers), source=source)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a refused preparation leaves nothing behind
+        raise
     try:
         tmp.rename(entry)
     except OSError:  # another launch finished the same entry first

@@ -283,3 +283,36 @@ def test_cli_refusal_is_one_line(tmp_path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.path=")
     assert "Traceback" not in proc.stderr
+
+
+def cache_worker(rank: int, world: int, *, src: str, cache: str, bad: str) -> dict:
+    from dist_harness import init_gloo
+
+    from longpo_megatron.errors import UserError
+
+    init_gloo()
+    tok = ByteChatTokenizer()
+    ds = prepared_for_run(_cfg(Path(src), cache_dir=cache), tok)
+    out = {"identity": ds.identity, "root": str(ds.root), "pair": ds[rank].record_id}
+    try:
+        prepared_for_run(_cfg(Path(bad), cache_dir=cache), tok)
+    except UserError as err:
+        out["error"] = (type(err).__name__, str(err))
+    return out
+
+
+@pytest.mark.slow
+def test_rank0_prepares_others_wait(tmp_path) -> None:
+    from dist_harness import run_distributed
+
+    src, bad = tmp_path / "data.jsonl", tmp_path / "bad.jsonl"
+    shutil.copy(TOY, src)
+    bad.write_text(TOY.read_text().replace('"toy-0005"', '"toy-0004"'))
+    kw = dict(src=str(src), cache=str(tmp_path / "cache"), bad=str(bad))
+    res = run_distributed(cache_worker, 2, timeout_s=300, **kw)
+    assert res[0]["identity"] == res[1]["identity"] and res[0]["root"] == res[1]["root"]
+    assert [r["pair"] for r in res] == ["toy-0001", "toy-0002"]
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # prepared once, no leftovers
+    # rank 0's refusal reaches every rank (no hang), with the same message
+    assert res[0]["error"][1] == res[1]["error"][1]
+    assert "bad.jsonl, line 5, record 'toy-0004'" in res[1]["error"][1]
