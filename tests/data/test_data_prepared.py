@@ -316,3 +316,18 @@ def test_rank0_prepares_others_wait(tmp_path) -> None:
     # rank 0's refusal reaches every rank (no hang), with the same message
     assert res[0]["error"][1] == res[1]["error"][1]
     assert "bad.jsonl, line 5, record 'toy-0004'" in res[1]["error"][1]
+
+
+def test_new_data_keys_validated(tmp_path) -> None:
+    from longpo_megatron.config import Config
+    from longpo_megatron.config_validation import ConfigError, validate_config
+
+    cfg = Config()
+    cfg.data.preprocess_workers = 0
+    with pytest.raises(ConfigError, match=r"data.preprocess_workers=0: must be > 0"):
+        validate_config(cfg, world_size=1, cuda_available=False)
+    cfg = Config()
+    (tmp_path / "f").write_text("")
+    cfg.data.cache_dir = str(tmp_path / "f")
+    with pytest.raises(ConfigError, match=r"data.cache_dir=.* is a file"):
+        validate_config(cfg, world_size=1, cuda_available=False)
