@@ -119,7 +119,7 @@ def test_resume_after_kill_is_byte_identical(prepared, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_workers_cli_equal_and_sigkill_resume(prepared, tmp_path) -> None:
+def test_workers_cli_equal_to_api(prepared, tmp_path) -> None:
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "longpo_megatron.data.preprocess", f"data.path={TOY}"]
     cmd += ["--output", str(out), "--workers", "2", "--piece-mb", str(PIECE_MB)]
@@ -331,3 +331,48 @@ def test_new_data_keys_validated(tmp_path) -> None:
     cfg.data.cache_dir = str(tmp_path / "f")
     with pytest.raises(ConfigError, match=r"data.cache_dir=.* is a file"):
         validate_config(cfg, world_size=1, cuda_available=False)
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_is_byte_identical(tmp_path) -> None:
+    """A real SIGKILL in the middle of the pieces; the rerun finishes the same bytes."""
+    import os
+    import signal
+    import time
+
+    lines = TOY.read_text().splitlines()
+    src = tmp_path / "many.jsonl"
+    many = [ln.replace('"toy-', f'"r{k}-') for k in range(12) for ln in lines]  # 288 records
+    src.write_text("\n".join(many) + "\n")
+    cmd = [sys.executable, "-m", "longpo_megatron.data.preprocess", f"data.path={src}"]
+    cmd += ["--piece-mb", "0.002"]  # about one record per piece
+    killed, fresh = tmp_path / "killed", tmp_path / "fresh"
+    proc = subprocess.Popen(cmd + ["--output", str(killed)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(killed.glob(".work/piece-*/metadata.json"))) < 5 and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(killed.glob(".work/piece-*/metadata.json")))
+    assert 5 <= done < 288 and not (killed / "metadata.json").exists()
+    for out in (killed, fresh):
+        proc = subprocess.run(cmd + ["--output", str(out)], capture_output=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _bytes(killed) == _bytes(fresh)
+
+
+def test_hf_tokenizer_prepared_equals_jsonl(tmp_path) -> None:
+    hf = make_hf_tokenizer(tmp_path / "mistral", "mistral", record_texts(TOY))
+    cfg = DataConfig(path=str(TOY), tokenizer=str(hf))
+    prepare(job_for(cfg, PIECE_MB), tmp_path / "out")
+    tok = HFChatTokenizer(hf)
+    ds = open_prepared(tmp_path / "out", tok, cfg)
+    ref, _ = load_dataset(cfg, tok)
+    assert [ds[i] for i in range(len(ds))] == [ref[i] for i in range(len(ref))]
+
+
+def test_token_dtype_follows_vocabulary() -> None:
+    from longpo_megatron.data.prepared import token_dtype
+
+    assert token_dtype(264) == np.uint16 and token_dtype(32_000) == np.uint16
+    assert token_dtype(128_256) == np.int32 and token_dtype(151_665) == np.int32
