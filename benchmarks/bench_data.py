@@ -175,13 +175,13 @@ def store_scores(root: Path) -> Path:
     from longpo_megatron.config import register_configs, to_config
     from longpo_megatron.data.prepared import PreparedDataset
     from longpo_megatron.reference.beside import store_beside
-    from longpo_megatron.reference.store import header_for
+    from longpo_megatron.reference.store import header_for, reference_identity
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = to_config(compose("config", overrides=launch_overrides(root)))
     ds = PreparedDataset(root)
-    path = store_beside(ds, cfg)
+    path = store_beside(ds, reference_identity(cfg))
     path.parent.mkdir(exist_ok=True)
     with open(path, "w") as f:
         f.write(json.dumps(header_for(cfg)) + "\n")

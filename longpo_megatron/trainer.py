@@ -132,7 +132,7 @@ class Trainer:
         elif self.dataset.has_ref_logps:
             pass
         elif cfg.reference.mode == "initial_policy" and cfg.longpo.loss != "sft_kl":
-            beside.score_or_load(
+            self.state.data["reference_identity"] = beside.score_or_load(
                 lambda: build_scorer(cfg, self.mlayout, g, self.tokenizer.pad_id, self.model),
                 cfg,
                 self.dataset,
@@ -166,6 +166,9 @@ class Trainer:
         ts, data = ck.train_state, self.state.data
         allow = self.cfg.data.allow_changed_data_on_resume
         beside.check_data(ck.path, ts.get("data"), data, allow)
+        ref_identity = (ts.get("data") or {}).get("reference_identity")
+        if ref_identity:  # the initial reference's identity, not this (resumed) run's
+            data["reference_identity"] = ref_identity
         self.state = TrainState(
             step=int(ts.get("step", 0)),
             consumed_pairs=int(ts.get("consumed_pairs", 0)),
@@ -180,7 +183,7 @@ class Trainer:
                 view = view_of(self.cfg.longpo.loss)
                 missing = beside.restore_table(self.dataset, ck.reference_table, keys, view)
                 if missing and self.cfg.reference.mode == "initial_policy":
-                    self._reference_from_store(ck.path, missing)
+                    self._reference_from_store(ck.path, missing, ref_identity)
         except ValueError as e:
             raise checkpoint.CheckpointError(f"{ck.path}: does not match this run: {e}") from None
         self._saved_step = self.state.step
@@ -196,20 +199,17 @@ class Trainer:
                 flush=True,
             )
 
-    def _reference_from_store(self, ckpt: Path, missing: list[int]) -> None:
-        """Pairs the checkpoint has no scores for: the stored scores beside the data, or stop
-        (the resumed weights are no longer the initial policy's)."""
-        store = beside.store_beside(self.dataset, self.cfg)
-        if not store.is_file():
+    def _reference_from_store(self, ckpt: Path, missing: list[int], identity) -> None:
+        """Pairs the checkpoint has no scores for: the initial reference's stored scores beside
+        the data, or stop (the resumed weights are no longer the initial policy's)."""
+        if beside.load_beside(self.cfg, self.dataset, identity) is None:
             ids = [self.dataset.record_id(i) for i in missing[:3]]
             raise checkpoint.CheckpointError(
                 f"{ckpt}: {len(missing)} records of this data have no reference scores in the "
-                f"checkpoint (e.g. {ids}) and none are stored at {store}; the initial weights "
-                "are needed to score them (reference.load, or reference=precomputed)"
+                f"checkpoint (e.g. {ids}) and the initial reference's scores are not stored "
+                f"beside it in {self.dataset.root}/reference; the initial weights are needed to "
+                "score them (reference.load, or reference=precomputed)"
             )
-        from longpo_megatron.reference.store import load_store
-
-        load_store(store, self.cfg, self.dataset)
 
     def save_checkpoint(self) -> Path:
         """Save the whole training state under ``checkpoint.save`` (collective); returns its dir."""

@@ -25,32 +25,43 @@ from longpo_megatron.config import Config
 from longpo_megatron.data.dataset import PreferenceDataset
 from longpo_megatron.errors import UserError
 from longpo_megatron.reference.sequences import view_of
-from longpo_megatron.reference.store import header_for, load_store
+from longpo_megatron.reference.store import load_store, reference_identity
 
 
 class DataChangedError(UserError, ValueError):
     """A resume whose data is not the data the checkpoint was trained on."""
 
 
-def store_beside(dataset: Any, cfg: Config) -> Path:
-    """Where ``dataset``'s initial-policy reference scores live (per reference identity)."""
-    key = hashlib.sha256(json.dumps(header_for(cfg), sort_keys=True).encode()).hexdigest()
+def store_beside(dataset: Any, identity: dict[str, Any]) -> Path:
+    """Where ``dataset``'s initial-policy scores by the reference ``identity`` live."""
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return Path(dataset.root) / "reference" / f"initial_policy-{key[:16]}.jsonl"
 
 
-def score_or_load(scorer_factory, cfg: Config, dataset: Any, batch_pairs: int) -> Path:
+def score_or_load(scorer_factory, cfg: Config, dataset: Any, batch_pairs: int) -> dict[str, Any]:
     """Load the stored scores beside ``dataset``; score (resumably) and store them if absent.
+    Returns the reference identity (a resumed run finds the store again by it).
 
     ``scorer_factory()`` builds the reference scorer (only called when scoring is needed).
     Collective: every rank calls it.
     """
     from longpo_megatron.reference.cli import precompute
 
-    path = store_beside(dataset, cfg)
+    identity = reference_identity(cfg)
+    path = store_beside(dataset, identity)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         precompute(cfg, scorer_factory(), dataset, path, batch_pairs)
     load_store(path, cfg, dataset)
+    return identity
+
+
+def load_beside(cfg: Config, dataset: Any, identity: Optional[dict[str, Any]]) -> Optional[Path]:
+    """Fill ``dataset`` from the store of reference ``identity`` beside it; None when absent."""
+    path = store_beside(dataset, identity) if identity else None
+    if path is None or not path.is_file():
+        return None
+    load_store(path, cfg, dataset, identity)
     return path
 
 

@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from longpo_megatron.config import Config
 from longpo_megatron.data.dataset import PreferenceDataset
@@ -117,12 +117,14 @@ def header_for(cfg: Config) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "reference": reference_identity(cfg)}
 
 
-def _check_header(path: Path, header: dict[str, Any], cfg: Config) -> None:
+def _check_header(
+    path: Path, header: dict[str, Any], cfg: Config, identity: Optional[dict[str, Any]] = None
+) -> None:
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ReferenceStoreError(
             f"{path}, line 1: not a {FORMAT} v{VERSION} file (header {header!r:.200})"
         )
-    want, got = reference_identity(cfg), header.get("reference", {})
+    want, got = identity or reference_identity(cfg), header.get("reference", {})
     diff = [k for k in want if want[k] != got.get(k)]
     if diff:
         details = "; ".join(f"{k}: stored {got.get(k)!r} vs run {want[k]!r}" for k in diff)
@@ -132,13 +134,19 @@ def _check_header(path: Path, header: dict[str, Any], cfg: Config) -> None:
         )
 
 
-def load_store(path: str | Path, cfg: Config, dataset: PreferenceDataset) -> None:
-    """Verify ``path`` against the run and the data, then fill ``dataset``'s reference sums."""
+def load_store(
+    path: str | Path,
+    cfg: Config,
+    dataset: PreferenceDataset,
+    identity: Optional[dict[str, Any]] = None,
+) -> None:
+    """Verify ``path`` against the run (or the reference ``identity`` a resumed run recorded)
+    and the data, then fill ``dataset``'s reference sums."""
     path = Path(path)
     if not path.is_file():
         raise ReferenceStoreError(f"reference.path={str(path)!r}: no such file")
     lines = path.read_text().splitlines()
-    _check_header(path, json.loads(lines[0]) if lines else {}, cfg)
+    _check_header(path, json.loads(lines[0]) if lines else {}, cfg, identity)
     rows = {}
     for lineno, line in enumerate(lines[1:], start=2):
         row = json.loads(line)

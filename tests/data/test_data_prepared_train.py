@@ -48,11 +48,12 @@ def parity_worker(rank: int, world: int, *, tmp: str) -> dict[str, Any]:
     import longpo_megatron.trainer as trainer_module
     from longpo_megatron.data.dataset import load_dataset
     from longpo_megatron.reference.beside import store_beside
+    from longpo_megatron.reference.store import reference_identity
 
     out = Path(tmp)
     prepared = _one_step(_config(out))
     cfg = _config(out)
-    store = store_beside(type("D", (), {"root": prepared["store"]})(), cfg)
+    store = store_beside(type("D", (), {"root": prepared["store"]})(), reference_identity(cfg))
 
     def in_memory(data_cfg, tok):  # today's path: read + tokenize the JSONL in memory
         ds, report = load_dataset(data_cfg, tok)

@@ -67,6 +67,10 @@ def identity_worker(rank: int, world: int, *, tmp: str) -> dict[str, Any]:
     data.write_text("\n".join(lines[:2] + [json.dumps(edited)] + lines[3:]) + "\n")
     res["edited"] = _attempt(data, out, ckpt)
     res["edited_override"] = _attempt(data, out, ckpt, allow=True)
+    fresh = _trainer(data, out, None).setup()  # the initial reference scores the edited data
+    res["edited_fresh"] = _scores(fresh)
+    fresh.close()
+    res["edited_override_stored"] = _attempt(data, out, ckpt, allow=True)
     data.unlink()
     renamed = out / "renamed.jsonl"
     renamed.write_text("\n".join(lines[::-1]) + "\n")
@@ -94,6 +98,12 @@ def test_changed_data_refused_and_override_keys_by_record(tmp_path) -> None:
     # edited + override: the edited record has no scores in the checkpoint and none stored
     assert "1 records of this data have no reference scores" in res["edited_override"]
     assert "toy-0003" in res["edited_override"]
+    # ... unless the initial reference's scores are stored beside the edited data
+    stored, fresh = res["edited_override_stored"]["scores"], res["edited_fresh"]
+    assert stored["toy-0003"] == fresh["toy-0003"] != res["scores"]["toy-0003"]
+    assert {k: v for k, v in stored.items() if k != "toy-0003"} == {
+        k: v for k, v in res["scores"].items() if k != "toy-0003"
+    }
     # reordered + override: every record gets ITS OWN score back (not the row's)
     over = res["override"]
     assert over["order"] == list(reversed(list(res["scores"])))
