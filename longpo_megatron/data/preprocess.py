@@ -230,12 +230,20 @@ def run_pieces(job: Job, plan: dict[str, Any], out: Path, pieces: list[int], wor
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+        with mp.get_context(_start_method()).Pool(min(workers, len(todo))) as pool:
             tokens = _consume(pool.imap(_star_piece, args), bar)
     else:
         tokens = _consume(map(_star_piece, args), bar)
     bar.close()
     return tokens
+
+
+def _start_method() -> str:
+    """``fork`` (no re-import per worker) unless process groups and their threads are up."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # single encodes; fork-safe
+    return "spawn" if dist.is_available() and dist.is_initialized() else "fork"
 
 
 def _star_piece(args) -> dict[str, Any]:
