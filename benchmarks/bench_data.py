@@ -240,10 +240,11 @@ def main() -> None:
     roots = {}
     for s in sizes:
         t0 = time.perf_counter()
+        reused = (work / f"syn-{s}" / "metadata.json").is_file()
         roots[s] = make_synthetic(work / f"syn-{s}", _size(s))
-        build = time.perf_counter() - t0
+        build = "reused" if reused else f"written in {time.perf_counter() - t0:.0f} s"
         r = rss_row(roots[s], "prepared")
-        name = f"prepared {s} tokens (built in {build:.0f} s)"
+        name = f"prepared {s} tokens ({build})"
         print(f"| {name} | {r['pairs']} | {r['open_mb']:.1f} | {r['peak_mb']:.1f} |", flush=True)
     small = _size(sizes[0])
     src = synthetic_jsonl(work / "rss.jsonl", max(1, small // PER_RECORD), 6_000)
