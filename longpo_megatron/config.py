@@ -142,7 +142,8 @@ class DataConfig:
     """Preference records and their tokenization."""
 
     path: str = "${oc.env:LONGPO_ROOT,.}/data/toy/preference.jsonl"
-    """JSONL file of LongPO records (schema in docs/data-format.md)."""
+    """JSONL file of LongPO records (schema in docs/data-format.md), or a prepared dataset
+    directory written by ``longpo-preprocess`` (docs/data-format.md, "Prepared datasets")."""
     tokenizer: str = "byte"
     """byte (project byte-level chat tokenizer) | a local HF tokenizer directory."""
     max_seq_length: int = 1024
@@ -153,6 +154,15 @@ class DataConfig:
     """A record over a length limit: error (stop, naming it) | skip (count it in the report)."""
     shuffle: bool = True
     """Shuffle record order each epoch (seeded by train.seed)."""
+    cache_dir: Optional[str] = None
+    """Where a JSONL ``path`` is prepared once (tokenized into indexed files, keyed by its
+    content hash); null = ``.longpo-prepared/`` beside the JSONL. Unused when ``path`` is
+    already a prepared directory (``longpo-preprocess``)."""
+    preprocess_workers: int = 1
+    """Processes global rank 0 uses to prepare a JSONL ``path`` (the other ranks wait)."""
+    allow_changed_data_on_resume: bool = False
+    """Resume even though the data differs from the checkpoint's (other source sha256 or
+    preparation); reference scores are then matched by record id and token fingerprint."""
 
 
 @dataclass

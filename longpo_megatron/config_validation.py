@@ -9,6 +9,7 @@ key(s), the value(s) and the rule that was broken.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ POSITIVE = (
     "parallel.context_parallel_size", "parallel.data_parallel_size", "parallel.timeout_minutes",
     "longpo.beta", "longpo.logits_chunk_size", "reference.micro_batch_size",
     "optim.lr", "optim.adam_eps", "data.max_seq_length", "data.max_ref_seq_length",
+    "data.preprocess_workers",
     "train.train_iters", "train.micro_batch_size", "train.global_batch_size",
     "train.gradient_accumulation_steps", "train.log_interval", "checkpoint.keep_last",
 )  # fmt: skip
@@ -298,6 +300,10 @@ def _check_data(cfg: Config, layout_multiple: int, tp: int, cp: int, sp: bool) -
         raise ConfigError(
             f"data.max_seq_length={d.max_seq_length} > model.max_position_embeddings="
             f"{m.max_position_embeddings}: the model must be built for the longest sequence"
+        )
+    if d.cache_dir and os.path.isfile(d.cache_dir):
+        raise ConfigError(
+            f"data.cache_dir={d.cache_dir!r} is a file: it must be a directory (or not exist yet)"
         )
     if d.tokenizer == "byte" and m.vocab_size < BYTE_TOKENIZER_VOCAB:
         raise ConfigError(

@@ -19,7 +19,7 @@ from longpo_megatron.config import Config
 from longpo_megatron.config_validation import ResolvedLayout
 from longpo_megatron.context_parallel import split_batch
 from longpo_megatron.data.collate import collate_pairs, place_chosen_token_values
-from longpo_megatron.data.dataset import load_dataset
+from longpo_megatron.data.preprocess import prepared_for_run
 from longpo_megatron.data.sampler import PairSampler, slice_for_dp
 from longpo_megatron.data.tokenizer import build_tokenizer
 from longpo_megatron.loss.layer import LongPOLossLayer, LossGroups
@@ -27,7 +27,8 @@ from longpo_megatron.metrics import MetricsLogger, reduce_step_metrics
 from longpo_megatron.model.gpt import ModelLayout, build_model
 from longpo_megatron.optim import lr_at
 from longpo_megatron.preemption import PreemptionHandler
-from longpo_megatron.reference import build_scorer, score_reference
+from longpo_megatron.reference import beside, build_scorer, score_reference
+from longpo_megatron.reference.sequences import view_of
 from longpo_megatron.schedule.engine import CpuEngine
 from longpo_megatron.schedule.forward_step import Batch, make_train_forward_step
 
@@ -42,6 +43,9 @@ class TrainState:
     """Pairs consumed across all DP ranks."""
     sampler: dict[str, Any] = field(default_factory=dict)
     """Data-order position (:meth:`PairSampler.state_dict`)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """The data trained on (:func:`~longpo_megatron.reference.beside.data_identity`): source
+    sha256, prepared identity, records, and the reference table's row keys (id:fingerprint)."""
 
 
 def model_layout(layout: ResolvedLayout, cp_comm_type: str = "p2p") -> ModelLayout:
@@ -83,7 +87,9 @@ class Trainer:
                 f"data.tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
                 f"{cfg.model.vocab_size}: the tokenizer does not match the model"
             )
-        self.dataset, self.report = load_dataset(cfg.data, self.tokenizer)
+        self.dataset = prepared_for_run(cfg.data, self.tokenizer)
+        self.report = self.dataset.report()
+        self.state.data = beside.data_identity(self.dataset, cfg)
         self.mlayout = model_layout(layout, cfg.parallel.cp_comm_type)
         self.model = build_model(cfg.model, self.mlayout, g)
         self.device = next(self.model.parameters()).device
@@ -123,7 +129,16 @@ class Trainer:
         self.online_reference = None
         if cfg.reference.mode == "online":
             self.online_reference = self._online_reference()
-        elif not self.dataset.has_ref_logps:
+        elif self.dataset.has_ref_logps:
+            pass
+        elif cfg.reference.mode == "initial_policy" and cfg.longpo.loss != "sft_kl":
+            self.state.data["reference_identity"] = beside.score_or_load(
+                lambda: build_scorer(cfg, self.mlayout, g, self.tokenizer.pad_id, self.model),
+                cfg,
+                self.dataset,
+                4 * g.dp_size,
+            )
+        else:
             score_reference(
                 self.model,
                 cfg,
@@ -148,17 +163,27 @@ class Trainer:
 
     def _apply_checkpoint(self, ck: checkpoint.LoadedCheckpoint) -> None:
         """Take step, consumed pairs, data position and reference scores from ``ck``."""
-        ts = ck.train_state
+        ts, data = ck.train_state, self.state.data
+        allow = self.cfg.data.allow_changed_data_on_resume
+        beside.check_data(ck.path, ts.get("data"), data, allow)
+        ref_identity = (ts.get("data") or {}).get("reference_identity")
+        if ref_identity:  # the initial reference's identity, not this (resumed) run's
+            data["reference_identity"] = ref_identity
         self.state = TrainState(
             step=int(ts.get("step", 0)),
             consumed_pairs=int(ts.get("consumed_pairs", 0)),
             sampler=dict(ts.get("sampler") or {}),
+            data=data,
         )
         try:
             if self.state.sampler:
                 self.sampler.load_state_dict(self.state.sampler)
             if ck.reference_table is not None:
-                self.dataset.load_ref_state(ck.reference_table)
+                keys = (ts.get("data") or {}).get("reference_keys")
+                view = view_of(self.cfg.longpo.loss)
+                missing = beside.restore_table(self.dataset, ck.reference_table, keys, view)
+                if missing and self.cfg.reference.mode == "initial_policy":
+                    self._reference_from_store(ck.path, missing, ref_identity)
         except ValueError as e:
             raise checkpoint.CheckpointError(f"{ck.path}: does not match this run: {e}") from None
         self._saved_step = self.state.step
@@ -172,6 +197,18 @@ class Trainer:
                 f"optimizer {'restored' if ck.optimizer_restored else 'fresh'}, "
                 f"RNG {'restored' if ck.rng_restored else 'from the seed'}",
                 flush=True,
+            )
+
+    def _reference_from_store(self, ckpt: Path, missing: list[int], identity) -> None:
+        """Pairs the checkpoint has no scores for: the initial reference's stored scores beside
+        the data, or stop (the resumed weights are no longer the initial policy's)."""
+        if beside.load_beside(self.cfg, self.dataset, identity) is None:
+            ids = [self.dataset.record_id(i) for i in missing[:3]]
+            raise checkpoint.CheckpointError(
+                f"{ckpt}: {len(missing)} records of this data have no reference scores in the "
+                f"checkpoint (e.g. {ids}) and the initial reference's scores are not stored "
+                f"beside it in {self.dataset.root}/reference; the initial weights are needed to "
+                "score them (reference.load, or reference=precomputed)"
             )
 
     def save_checkpoint(self) -> Path:

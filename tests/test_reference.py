@@ -112,7 +112,8 @@ def test_online_initial_and_precomputed_agree(tp, pp, small_data, tmp_path):
     assert last["loss_stored"] == pytest.approx(last["loss_initial"], rel=1e-6)
     for name, want in r["grads_initial"].items():
         got = r["grads_stored"][name]
-        assert (got - want).norm() <= 1e-6 * want.norm() + 1e-12, name
+        # float32 noise: both tables come from chunked scoring, in different micro-batch mixes
+        assert (got - want).norm() <= 1e-5 * want.norm() + 1e-12, name
     assert r["ref_frozen"]
     assert r["resume"] == (len(r["initial"]) - 2, True)  # rerun scored only the missing records
     print(f"tp={tp} pp={pp}: reference params {r['ref_param_mb']:.3f} MB/rank, no grads/optim")

@@ -3,10 +3,13 @@
 Flow: ``read_records`` (JSONL -> validated records) -> ``tokenize_records`` (long policy
 sequences + short reference sequences) -> ``PreferenceDataset`` -> ``PairSampler`` picks indices
 -> ``collate_pairs`` / ``collate_short`` build the tensors of the micro-batch contract.
+Training reads the same pairs from a prepared dataset (``longpo-preprocess``, :mod:`.prepared`),
+memory-mapped and pair by pair; a JSONL is prepared once (:func:`.preprocess.prepared_for_run`).
 """
 
 from longpo_megatron.data.collate import collate_pairs, collate_short, padded_length
 from longpo_megatron.data.dataset import PreferenceDataset, load_dataset
+from longpo_megatron.data.prepared import PreparedDataError, PreparedDataset, open_prepared
 from longpo_megatron.data.records import (
     SCHEMA_VERSION,
     DataReport,
@@ -35,6 +38,8 @@ __all__ = [
     "PairSampler",
     "PreferenceDataset",
     "PreferenceRecord",
+    "PreparedDataError",
+    "PreparedDataset",
     "RecordError",
     "TokenizedPair",
     "Turn",
@@ -42,6 +47,7 @@ __all__ = [
     "collate_pairs",
     "collate_short",
     "load_dataset",
+    "open_prepared",
     "padded_length",
     "read_records",
     "render_chat",

@@ -41,6 +41,17 @@ class PreferenceDataset:
     def __getitem__(self, index: int) -> TokenizedPair:
         return self.pairs[index]
 
+    def record_id(self, index: int) -> str:
+        """The record id of pair ``index``."""
+        return self.pairs[index].record_id
+
+    def pair_fingerprint(self, index: int, view: str) -> str:
+        """sha256 of the tokens the reference scores for pair ``index`` (see
+        :func:`~longpo_megatron.reference.sequences.fingerprint`)."""
+        from longpo_megatron.reference.sequences import fingerprint
+
+        return fingerprint(self[index], view)
+
     def set_ref_logps(self, index: int, chosen_sum: float, rejected_sum: float) -> None:
         """Store the reference log-prob sums of pair ``index`` (must be finite)."""
         if not (math.isfinite(chosen_sum) and math.isfinite(rejected_sum)):
@@ -52,10 +63,11 @@ class PreferenceDataset:
 
     def set_ref_token_logps(self, index: int, values: torch.Tensor) -> None:
         """Store the chosen responses' per-token reference log-probs of pair ``index``."""
-        want = sum(self.pairs[index].chosen_response_mask[1:])
+        pair = self[index]
+        want = sum(pair.chosen_response_mask[1:])
         if values.numel() != want:
             raise ValueError(
-                f"record {self.pairs[index].record_id!r}: {values.numel()} reference token "
+                f"record {pair.record_id!r}: {values.numel()} reference token "
                 f"log-probs for {want} chosen response tokens (the short and long renderings of "
                 "the responses tokenize differently)"
             )

@@ -128,22 +128,41 @@ class HFChatTokenizer:
         """Ids back to text (special tokens kept)."""
         return str(self._tok.decode([int(i) for i in ids]))
 
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    def render_text(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        """The chat template's text of ``messages`` (not tokenized)."""
         try:
-            text = self._tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
+            return str(
+                self._tok.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=generation_prompt
+                )
             )
         except Exception as exc:  # jinja errors name nothing useful; say which tokenizer
             raise ValueError(f"chat template of tokenizer {self.name!r} failed: {exc}") from exc
-        return self.encode(text)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text`` and each token's (start, end) character span (fast tokenizers)."""
+        enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    @property
+    def is_fast(self) -> bool:
+        """True for a Rust-backed tokenizer (character offsets available)."""
+        return bool(getattr(self._tok, "is_fast", False))
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        return self.encode(self.render_text(messages, generation_prompt))
+
+    def not_prefix_stable(self, turn: int, what: str) -> ValueError:
+        """The error for a rendering whose tokens change when the conversation grows."""
+        return ValueError(
+            f"chat template of tokenizer {self.name!r} is not prefix-stable: rendering "
+            f"{what} of turn {turn} changes the tokens of the earlier conversation, so "
+            "response tokens cannot be located exactly"
+        )
 
     def _check_prefix(self, prefix: list[int], ids: list[int], turn: int, what: str) -> None:
         if ids[: len(prefix)] != prefix:
-            raise ValueError(
-                f"chat template of tokenizer {self.name!r} is not prefix-stable: rendering "
-                f"{what} of turn {turn} changes the tokens of the earlier conversation, so "
-                "response tokens cannot be located exactly"
-            )
+            raise self.not_prefix_stable(turn, what)
 
     def _span_mask(self, span: list[int], turn: int) -> list[bool]:
         """Mark the response up to and including its last eos; template glue after it is not."""

@@ -22,11 +22,12 @@ from tqdm import tqdm
 from longpo_megatron import distributed
 from longpo_megatron.config import Config, register_configs, to_config
 from longpo_megatron.config_validation import validate_config
-from longpo_megatron.data.dataset import PreferenceDataset, load_dataset
+from longpo_megatron.data.dataset import PreferenceDataset
+from longpo_megatron.data.preprocess import prepared_for_run
 from longpo_megatron.data.tokenizer import build_tokenizer
 from longpo_megatron.model.gpt import build_model
 from longpo_megatron.reference import ReferenceScorer, build_scorer
-from longpo_megatron.reference.sequences import fingerprint, view_of
+from longpo_megatron.reference.sequences import view_of
 from longpo_megatron.reference.store import append_rows, done_ids, header_for, merge_parts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -40,8 +41,8 @@ def _rows(items, sums: torch.Tensor, dataset: PreferenceDataset, view: str) -> l
         per_pair.setdefault(item.pair, {"chosen": [], "rejected": []})[side].append(value)
     return [
         {
-            "id": dataset[p].record_id,
-            "fingerprint": fingerprint(dataset[p], view),
+            "id": dataset.record_id(p),
+            "fingerprint": dataset.pair_fingerprint(p, view),
             "chosen": v["chosen"],
             "rejected": v["rejected"],
         }
@@ -54,7 +55,7 @@ def _todo(out: Path, dataset: PreferenceDataset) -> list[int]:
     box = [sorted(done_ids(out)) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     done = set(box[0])
-    return [i for i in range(len(dataset)) if dataset[i].record_id not in done]
+    return [i for i in range(len(dataset)) if dataset.record_id(i) not in done]
 
 
 def precompute(
@@ -73,7 +74,7 @@ def precompute(
     bar.close()
     dist.barrier()
     if rank0:
-        merge_parts(out, header_for(cfg), [dataset[i].record_id for i in range(len(dataset))])
+        merge_parts(out, header_for(cfg), [dataset.record_id(i) for i in range(len(dataset))])
     dist.barrier()
     return len(todo)
 
@@ -103,7 +104,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
         groups = distributed.init_model_parallel(layout.tp, layout.pp, layout.cp)
         distributed.seed_all(cfg.train.seed, groups, cuda=layout.engine == "gpu")
         tokenizer = build_tokenizer(cfg.data.tokenizer)
-        dataset, _ = load_dataset(cfg.data, tokenizer)
+        dataset = prepared_for_run(cfg.data, tokenizer)
         mlayout = model_layout(layout, cfg.parallel.cp_comm_type)
         policy = None if cfg.reference.load else _initial_policy(cfg, mlayout, groups)
         scorer = build_scorer(cfg, mlayout, groups, tokenizer.pad_id, policy)

@@ -15,12 +15,12 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from longpo_megatron.config import Config
 from longpo_megatron.data.dataset import PreferenceDataset
 from longpo_megatron.errors import UserError
-from longpo_megatron.reference.sequences import fingerprint, view_of
+from longpo_megatron.reference.sequences import view_of
 
 FORMAT = "longpo-ref-logps"
 VERSION = 1
@@ -36,7 +36,11 @@ def reference_identity(cfg: Config) -> dict[str, Any]:
     """What must match between the stored scores and a training run."""
     model = {k: v for k, v in vars(cfg.model).items() if k not in POLICY_ONLY}
     model["reference_rotary_base"] = cfg.model.reference_rotary_base or cfg.model.rotary_base
-    weights = cfg.reference.load or cfg.checkpoint.load or f"random init, seed {cfg.train.seed}"
+    par = cfg.parallel  # a random init depends on the layout, loaded weights do not
+    init = f"random init, seed {cfg.train.seed}, tp {par.tensor_model_parallel_size}, pp "
+    weights = cfg.reference.load or cfg.checkpoint.load or init + str(
+        par.pipeline_model_parallel_size
+    )
     return {
         "model": model,
         "weights": str(weights),
@@ -113,12 +117,14 @@ def header_for(cfg: Config) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "reference": reference_identity(cfg)}
 
 
-def _check_header(path: Path, header: dict[str, Any], cfg: Config) -> None:
+def _check_header(
+    path: Path, header: dict[str, Any], cfg: Config, identity: Optional[dict[str, Any]] = None
+) -> None:
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ReferenceStoreError(
             f"{path}, line 1: not a {FORMAT} v{VERSION} file (header {header!r:.200})"
         )
-    want, got = reference_identity(cfg), header.get("reference", {})
+    want, got = identity or reference_identity(cfg), header.get("reference", {})
     diff = [k for k in want if want[k] != got.get(k)]
     if diff:
         details = "; ".join(f"{k}: stored {got.get(k)!r} vs run {want[k]!r}" for k in diff)
@@ -128,28 +134,32 @@ def _check_header(path: Path, header: dict[str, Any], cfg: Config) -> None:
         )
 
 
-def load_store(path: str | Path, cfg: Config, dataset: PreferenceDataset) -> None:
-    """Verify ``path`` against the run and the data, then fill ``dataset``'s reference sums."""
+def load_store(
+    path: str | Path,
+    cfg: Config,
+    dataset: PreferenceDataset,
+    identity: Optional[dict[str, Any]] = None,
+) -> None:
+    """Verify ``path`` against the run (or the reference ``identity`` a resumed run recorded)
+    and the data, then fill ``dataset``'s reference sums."""
     path = Path(path)
     if not path.is_file():
         raise ReferenceStoreError(f"reference.path={str(path)!r}: no such file")
     lines = path.read_text().splitlines()
-    _check_header(path, json.loads(lines[0]) if lines else {}, cfg)
+    _check_header(path, json.loads(lines[0]) if lines else {}, cfg, identity)
     rows = {}
     for lineno, line in enumerate(lines[1:], start=2):
         row = json.loads(line)
         rows[row["id"]] = (lineno, row)
     view = view_of(cfg.longpo.loss)
     for i in range(len(dataset)):
-        pair = dataset[i]
-        if pair.record_id not in rows:
+        record_id = dataset.record_id(i)  # no token reads: prepared data stores fingerprints
+        if record_id not in rows:
+            raise ReferenceStoreError(f"{path}: no reference log-probs for record {record_id!r}")
+        lineno, row = rows[record_id]
+        if row["fingerprint"] != dataset.pair_fingerprint(i, view):
             raise ReferenceStoreError(
-                f"{path}: no reference log-probs for record {pair.record_id!r}"
-            )
-        lineno, row = rows[pair.record_id]
-        if row["fingerprint"] != fingerprint(pair, view):
-            raise ReferenceStoreError(
-                f"{path}, line {lineno}, record {pair.record_id!r}: stored log-probs were computed "
+                f"{path}, line {lineno}, record {record_id!r}: stored log-probs were computed "
                 "on other tokens (edited record, other tokenizer/template, or other loss view)"
             )
         dataset.set_ref_logps(i, float(sum(row["chosen"])), float(sum(row["rejected"])))
