@@ -153,6 +153,12 @@ class DataConfig:
     """A record over a length limit: error (stop, naming it) | skip (count it in the report)."""
     shuffle: bool = True
     """Shuffle record order each epoch (seeded by train.seed)."""
+    validation_path: Optional[str] = None
+    """Held-out JSONL records (same schema as path) scored every train.valid_interval steps
+    without gradients; null = none (or split off data.validation_fraction)."""
+    validation_fraction: float = 0.0
+    """Fraction of the records of path held out for validation (a seeded split, taken out of
+    training) when validation_path is null; 0 = no split."""
 
 
 @dataclass
@@ -173,6 +179,17 @@ class TrainConfig:
     """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
     log_interval: int = 1
     """Print and log metrics every N steps."""
+    exit_duration_minutes: Optional[float] = None
+    """Stop (save, exit with code 3 = requeue me) before this many minutes after process start;
+    SLURM_JOB_END_TIME, when set, is a deadline too (the earlier one wins). Null = no limit of
+    our own."""
+    exit_margin_minutes: float = 2.0
+    """Safety margin before the deadline: the run stops at the last step boundary that leaves
+    the slowest recent step + the last measured save + this margin. Until a save has been
+    measured the margin alone must cover one save."""
+    valid_interval: int = 0
+    """Score the held-out pairs (data.validation_path / data.validation_fraction) every N steps
+    and at the end; 0 = only at the end when a validation set exists."""
 
 
 @dataclass
@@ -190,6 +207,12 @@ class CheckpointConfig:
     Any TP/PP layout loads any other. Null starts fresh."""
     keep_last: int = 2
     """Checkpoints to keep."""
+    save_interval_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (or the start); 0 = off."""
+    async_save: bool = False
+    """Write checkpoints in the background (GPU: megatron's async torch_dist with the
+    fully-parallel wrapper; CPU: a writer thread); training blocks only to copy the state.
+    `latest` moves when every rank finished writing."""
 
 
 @dataclass
@@ -204,6 +227,9 @@ class LoggingConfig:
     """Weights & Biases project; null disables W&B."""
     wandb_run_name: Optional[str] = None
     """W&B run name; null lets W&B choose."""
+    peak_tflops: Optional[float] = None
+    """Dense peak TFLOP/s of one GPU for MFU; null = from the GPU's name (flops.PEAK_FLOPS),
+    no MFU when unknown (e.g. CPU runs; TFLOP/s are still logged)."""
 
 
 @dataclass

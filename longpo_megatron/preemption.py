@@ -21,9 +21,10 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist

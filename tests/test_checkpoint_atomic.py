@@ -1,7 +1,8 @@
 """Atomic saves and preemption, proven with real processes.
 
 * kill -9 at random moments inside saves, synchronous and asynchronous (a forked saver, killed
-  several times): ``latest`` always names a complete, self-consistent checkpoint and keep_last holds;
+  several times): ``latest`` always names a complete, self-consistent checkpoint and keep_last
+  holds;
 * SIGUSR1 / SIGTERM to ``python -m longpo_megatron.train``: exit code 0, a message naming the
   checkpoint, and the next job resumes from it to the same final state (model and optimizer,
   bitwise) as an uninterrupted run.
