@@ -42,6 +42,7 @@ from longpo_megatron.reference import build_scorer, score_reference, view_of
 from longpo_megatron.schedule.engine import CpuEngine
 from longpo_megatron.schedule.forward_step import Batch, make_train_forward_step
 from longpo_megatron.step_stats import BatchStats, global_batch_stats
+from longpo_megatron.validation import CHECKPOINT_KEY, Validator, held_out
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Trainer:
         if ck.async_save and ck.save:
             self.async_writer = checkpoint.AsyncCheckpointWriter(gpu=layout.engine == "gpu")
         self._step_delay = step_delay_s()
+        self.validator: Optional[Validator] = None
         self._pending_metrics: dict[str, float] = {}
         """Metrics produced between logged steps (checkpoint timings), logged with the next."""
 
@@ -118,12 +120,14 @@ class Trainer:
             )
         self.dataset, self.report = load_dataset(cfg.data, self.tokenizer)
         self._stop_if_requested("loading the data")
+        self.dataset, held = held_out(cfg.data, self.tokenizer, self.dataset, cfg.train.seed)
         self.mlayout = model_layout(layout, cfg.parallel.cp_comm_type)
         self.model = build_model(cfg.model, self.mlayout, g)
         self.device = next(self.model.parameters()).device
         self.engine = self._build_engine()
         self.sampler = PairSampler(len(self.dataset), cfg.train.seed, cfg.data.shuffle)
         self._resume_or_score_reference()
+        self.validator = self._build_validator(held)
         self._stop_if_requested("building the model and scoring the reference")
         loss_groups = LossGroups(g.tp, g.cp, layout.sequence_parallel)
         self.forward_step = make_train_forward_step(LongPOLossLayer(cfg.longpo, loss_groups))
@@ -200,6 +204,7 @@ class Trainer:
         except ValueError as e:
             raise checkpoint.CheckpointError(f"{ck.path}: does not match this run: {e}") from None
         self._saved_step = self.state.step
+        self._resumed_common = ck.common
         if self.groups.is_logging_rank:
             if ck.kind == "training":
                 now = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
@@ -234,6 +239,7 @@ class Trainer:
             config=self.run_cfg,
             keep_last=ck.keep_last,
             async_writer=self.async_writer,
+            extra=self.validator.checkpoint_extra() if self.validator else None,
         )
         blocked = time.perf_counter() - t0
         self._saved_step = self.state.step
@@ -296,6 +302,23 @@ class Trainer:
                 flush=True,
             )
         return True
+
+    def _validate(self) -> dict[str, float]:
+        """``valid/*`` metrics when validation is due at this step (collective), else empty."""
+        if self.validator is None or not self.validator.due(self.state.step):
+            return {}
+        return self.validator.run() or {}
+
+    def _build_validator(self, dataset: Optional[PreferenceDataset]) -> Optional[Validator]:
+        """The held-out validation of ``data.validation_*`` with its reference scores ready."""
+        if dataset is None:
+            return None
+        validator = Validator(self, dataset)
+        saved = getattr(self, "_resumed_common", {}).get(CHECKPOINT_KEY)
+        validator.prepare(saved)
+        if self.groups.is_logging_rank:
+            print(f"validation: {len(dataset)} held-out pairs", flush=True)
+        return validator
 
     def _stop_if_requested(self, phase: str) -> None:
         """A signal during setup stops the run before training (collective): nothing new to
@@ -426,8 +449,9 @@ class Trainer:
         while self.state.step < self.cfg.train.train_iters:
             t0 = time.perf_counter()
             values = self.train_step()
+            valid = self._validate()
             if values is not None:
-                values |= self._progress(t0)
+                values |= self._progress(t0) | valid
                 self.history.append(values)
                 if self.state.step % self.cfg.train.log_interval == 0:
                     self.logger.log(self.state.step, values)
