@@ -37,6 +37,9 @@ CONSOLE_KEYS = (
     ("pad", "padding_fraction", ".2f"),
     ("mem GiB", "mem/peak_allocated_gib", ".1f"),
     ("ckpt block s", "checkpoint/blocking_s", ".2f"),
+    ("valid loss", "valid/loss", ".4f"),
+    ("valid acc", "valid/rewards/accuracy", ".2f"),
+    ("valid margin", "valid/rewards/margins", ".4f"),
 )
 """(console name, metric key, format) of the console line; ``eta_s`` is printed as h:mm:ss."""
 
