@@ -29,6 +29,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from longpo_megatron.errors import UserError
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Signals that request a save-and-stop."""
 JOB_END_ENV = "SLURM_JOB_END_TIME"
@@ -41,13 +43,19 @@ class StopRequested(Exception):
     """Raised by setup when a preemption signal arrived before training started."""
 
 
+class EnvironmentSettingError(UserError, ValueError):
+    """An environment variable this module reads holds something it cannot use."""
+
+
 def step_delay_s(env: Mapping[str, str] = os.environ) -> float:
     """The test-only per-step delay (:data:`STEP_DELAY_ENV`), 0 when unset."""
     value = env.get(STEP_DELAY_ENV, "")
     try:
         return max(0.0, float(value)) if value else 0.0
     except ValueError:
-        raise ValueError(f"{STEP_DELAY_ENV}={value!r}: must be a number of seconds") from None
+        raise EnvironmentSettingError(
+            f"{STEP_DELAY_ENV}={value!r}: must be a number of seconds"
+        ) from None
 
 
 def _device_for(group: Optional[dist.ProcessGroup]) -> str:
@@ -142,7 +150,7 @@ def job_end_time(env: Mapping[str, str] = os.environ) -> Optional[float]:
     try:
         end = float(value)
     except ValueError:
-        raise ValueError(f"{JOB_END_ENV}={value!r}: expected Unix seconds") from None
+        raise EnvironmentSettingError(f"{JOB_END_ENV}={value!r}: expected Unix seconds") from None
     return end if end > 0 else None
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from longpo_megatron import checkpoint
 from longpo_megatron.errors import REQUEUE_EXIT_CODE
@@ -107,7 +108,9 @@ def test_time_limit_stop_requeue_code_signal_in_setup_and_exact_resume(tmp_path)
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
     # the job ends 60 s after launch; 45 s margin, 2 s steps: stop ~13 s in, long before step 8
     env = _env(**{JOB_END_ENV: str(int(time.time()) + 60), STEP_DELAY_ENV: "2"})
-    stopped = _run(_cmd(str(data), out, ckpt, "train.exit_margin_minutes=0.75"), env)
+    # and a save every 0.01 minutes: at every boundary (measured saves enter the estimate)
+    extra = ("train.exit_margin_minutes=0.75", "checkpoint.save_interval_minutes=0.01")
+    stopped = _run(_cmd(str(data), out, ckpt, *extra), env)
     assert stopped.returncode == REQUEUE_EXIT_CODE, stopped.stdout[-3000:] + stopped.stderr[-3000:]
     m = re.search(r"time limit: .* at step (\d+): saved checkpoint (\S+); exiting \(code 3\)",
                   stopped.stdout)  # fmt: skip
@@ -115,6 +118,8 @@ def test_time_limit_stop_requeue_code_signal_in_setup_and_exact_resume(tmp_path)
     step = int(m.group(1))
     assert 1 <= step < STEPS and Path(m.group(2)) == checkpoint.resolve(ckpt)
     assert checkpoint.read_common(checkpoint.resolve(ckpt))["train_state"]["step"] == step
+    saves = re.findall(r"^saved checkpoint ", stopped.stdout, re.MULTILINE)
+    assert len(saves) == step  # one per boundary, the stop's included
 
     # a job killed after logging step+1 but before saving it would leave this line behind
     with open(out / "metrics.jsonl", "a") as f:
@@ -127,11 +132,16 @@ def test_time_limit_stop_requeue_code_signal_in_setup_and_exact_resume(tmp_path)
     assert "step      " not in interrupted.stdout  # no training step ran
     assert checkpoint.resolve(ckpt).name == checkpoint.iter_dir_name(step)
 
-    finished = _run(resume, _env())
+    # the last leg saves asynchronously: the published checkpoints are the same
+    finished = _run([*resume, "checkpoint.async_save=true", "checkpoint.save_interval=2"], _env())
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert "writing in the background" in finished.stdout
     assert f"dropped 1 entries past step {step} (steps {step + 1}-{step + 1})" in finished.stdout
     assert _losses(out) == expected  # every step once, bitwise the uninterrupted losses
-    assert checkpoint.resolve(ckpt).name == checkpoint.iter_dir_name(STEPS)
+    final, reference = checkpoint.resolve(ckpt), checkpoint.resolve(whole / "ckpt")
+    assert final.name == checkpoint.iter_dir_name(STEPS)
+    a, b = checkpoint.read_tensors(final), checkpoint.read_tensors(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logs = sorted((out / "logs").iterdir())  # one log file per start
     assert [p.name for p in logs] == ["run-000.log", "run-001.log", "run-002.log"]
     assert "time limit" in logs[0].read_text() and "while" in logs[1].read_text()
