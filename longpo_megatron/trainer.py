@@ -101,6 +101,8 @@ class Trainer:
             self.async_writer = checkpoint.AsyncCheckpointWriter(gpu=layout.engine == "gpu")
         self._step_delay = step_delay_s()
         self.validator: Optional[Validator] = None
+        self._resumed_common: dict[str, Any] = {}
+        """Common state of the checkpoint resumed from (extra keys such as validation's)."""
         self._pending_metrics: dict[str, float] = {}
         """Metrics produced between logged steps (checkpoint timings), logged with the next."""
 
@@ -314,7 +316,7 @@ class Trainer:
         if dataset is None:
             return None
         validator = Validator(self, dataset)
-        saved = getattr(self, "_resumed_common", {}).get(CHECKPOINT_KEY)
+        saved = self._resumed_common.get(CHECKPOINT_KEY)
         validator.prepare(saved)
         if self.groups.is_logging_rank:
             print(f"validation: {len(dataset)} held-out pairs", flush=True)
