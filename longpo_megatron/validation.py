@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from longpo_megatron.checkpoint import CheckpointError
 from longpo_megatron.data.dataset import PreferenceDataset, load_dataset
@@ -95,7 +96,13 @@ class Validator:
             )
         policy = None if t.state.step > 0 else t.model
         scorer = build_scorer(cfg, t.mlayout, t.groups, t.tokenizer.pad_id, policy)
-        scorer.fill(self.dataset, range(len(self.dataset)))
+        n, g = len(self.dataset), t.groups
+        chunk = cfg.reference.micro_batch_size * g.dp_size * g.cp_size
+        with tqdm(total=n, desc="held-out reference scores", unit="pair",
+                  disable=not g.is_logging_rank) as bar:  # fmt: skip
+            for lo in range(0, n, chunk):
+                scorer.fill(self.dataset, range(lo, min(n, lo + chunk)))
+                bar.update(min(n, lo + chunk) - lo)
 
     def due(self, step: int) -> bool:
         """Every ``train.valid_interval`` steps and at the last step."""
