@@ -163,6 +163,12 @@ class DataConfig:
     allow_changed_data_on_resume: bool = False
     """Resume even though the data differs from the checkpoint's (other source sha256 or
     preparation); reference scores are then matched by record id and token fingerprint."""
+    validation_path: Optional[str] = None
+    """Held-out JSONL records (same schema as path) scored every train.valid_interval steps
+    without gradients; null = none (or split off data.validation_fraction)."""
+    validation_fraction: float = 0.0
+    """Fraction of the records of path held out for validation (a seeded split, taken out of
+    training) when validation_path is null; 0 = no split."""
 
 
 @dataclass
@@ -183,6 +189,17 @@ class TrainConfig:
     """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
     log_interval: int = 1
     """Print and log metrics every N steps."""
+    exit_duration_minutes: Optional[float] = None
+    """Stop (save, exit with code 3 = requeue me) before this many minutes after process start;
+    SLURM_JOB_END_TIME, when set, is a deadline too (the earlier one wins). Null = no limit of
+    our own."""
+    exit_margin_minutes: float = 2.0
+    """Safety margin before the deadline: the run stops at the last step boundary that leaves
+    the slowest recent step + the last measured save + this margin. Until a save has been
+    measured the margin alone must cover one save."""
+    valid_interval: int = 0
+    """Score the held-out pairs (data.validation_path / data.validation_fraction) every N steps
+    and at the end; 0 = only at the end when a validation set exists."""
 
 
 @dataclass
@@ -200,6 +217,12 @@ class CheckpointConfig:
     Any TP/PP layout loads any other. Null starts fresh."""
     keep_last: int = 2
     """Checkpoints to keep."""
+    save_interval_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (or the start); 0 = off."""
+    async_save: bool = False
+    """Write checkpoints in the background (GPU: megatron's async torch_dist with the
+    fully-parallel wrapper; CPU: a writer thread); training blocks only to copy the state.
+    `latest` moves when every rank finished writing."""
 
 
 @dataclass
@@ -214,6 +237,9 @@ class LoggingConfig:
     """Weights & Biases project; null disables W&B."""
     wandb_run_name: Optional[str] = None
     """W&B run name; null lets W&B choose."""
+    peak_tflops: Optional[float] = None
+    """Dense peak TFLOP/s of one GPU for MFU; null = from the GPU's name (flops.PEAK_FLOPS),
+    no MFU when unknown (e.g. CPU runs; TFLOP/s are still logged)."""
 
 
 @dataclass

@@ -48,16 +48,20 @@ POSITIVE = (
     "data.preprocess_workers",
     "train.train_iters", "train.micro_batch_size", "train.global_batch_size",
     "train.gradient_accumulation_steps", "train.log_interval", "checkpoint.keep_last",
+    "train.exit_duration_minutes", "logging.peak_tflops",
 )  # fmt: skip
 """Keys that must be > 0 (null is allowed where the schema is Optional)."""
 
 NON_NEGATIVE = (
     "longpo.lam", "optim.min_lr", "optim.weight_decay", "optim.clip_grad",
-    "train.seed", "checkpoint.save_interval",
+    "train.seed", "checkpoint.save_interval", "checkpoint.save_interval_minutes",
+    "train.exit_margin_minutes", "train.valid_interval",
 )  # fmt: skip
 """Keys that must be >= 0."""
 
-UNIT_INTERVAL = ("optim.warmup_fraction", "optim.adam_beta1", "optim.adam_beta2")
+UNIT_INTERVAL = (
+    "optim.warmup_fraction", "optim.adam_beta1", "optim.adam_beta2", "data.validation_fraction",
+)  # fmt: skip
 """Keys that must lie in [0, 1)."""
 
 
@@ -326,6 +330,28 @@ def _check_reference(cfg: Config) -> None:
         )
 
 
+def _check_validation(cfg: Config) -> None:
+    """Held-out validation: one source, reference scores obtainable, an interval only with data."""
+    d = cfg.data
+    if d.validation_path and d.validation_fraction > 0:
+        raise ConfigError(
+            f"data.validation_path={d.validation_path!r} and data.validation_fraction="
+            f"{d.validation_fraction!r}: set one of them, not both"
+        )
+    held_out = bool(d.validation_path) or d.validation_fraction > 0
+    if held_out and cfg.reference.mode == "precomputed":
+        raise ConfigError(
+            "validation (data.validation_path / data.validation_fraction) with reference.mode="
+            "'precomputed': the store has no reference scores for held-out pairs; use "
+            "reference=initial_policy or reference=online"
+        )
+    if cfg.train.valid_interval > 0 and not held_out:
+        raise ConfigError(
+            f"train.valid_interval={cfg.train.valid_interval}: no validation set (set "
+            "data.validation_path or data.validation_fraction)"
+        )
+
+
 def _resolve_grad_accum(cfg: Config, dp: int) -> int:
     t = cfg.train
     mbs, gbs, ga = t.micro_batch_size, t.global_batch_size, t.gradient_accumulation_steps
@@ -356,6 +382,7 @@ def validate_config(cfg: Config, world_size: int, cuda_available: bool) -> Resol
     _check_enums(cfg)
     _check_ranges(cfg)
     _check_reference(cfg)
+    _check_validation(cfg)
     engine = _resolve_engine(cfg, cuda_available)
     attention = _resolve_attention(cfg, engine, cuda_available)
     precision = _resolve_precision(cfg, engine, cuda_available)

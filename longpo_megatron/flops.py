@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Optional
 
 from longpo_megatron.config import ModelConfig
 
@@ -101,6 +102,16 @@ def sequences_forward_flops(dims: Dims, lengths: Iterable[int], logit_positions:
 def step_flops(policy_forward: float, reference_forward: float = 0.0) -> float:
     """Model FLOPs of a training step: 3× the policy forward plus the reference forward."""
     return 3.0 * policy_forward + reference_forward
+
+
+def peak_flops_of(device_name: str) -> Optional[float]:
+    """The :data:`PEAK_FLOPS` entry whose key appears in ``device_name`` (e.g. "NVIDIA H100 80GB
+    HBM3"), or None when the device is not listed."""
+    name = device_name.lower()
+    for key, peak in PEAK_FLOPS.items():
+        if key in name:
+            return peak
+    return None
 
 
 def mfu(flops: float, seconds: float, num_gpus: int, peak_flops: float) -> float:

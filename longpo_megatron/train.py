@@ -15,10 +15,14 @@ from omegaconf import DictConfig
 
 from longpo_megatron.config import register_configs, to_config
 from longpo_megatron.config_validation import validate_config
+from longpo_megatron.preemption import PreemptionHandler, StopRequested
 from longpo_megatron.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("LONGPO_ROOT", str(REPO_ROOT))
+PREEMPTION = PreemptionHandler()
+"""Installed by :func:`main` at process start, before any data or reference work, so a
+SIGTERM / SIGUSR1 during setup is recorded (setup then stops cleanly)."""
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="config")
@@ -26,15 +30,20 @@ def _hydra_main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_config(cfg, world_size=world, cuda_available=torch.cuda.is_available())
-    trainer = Trainer(cfg, layout)
+    trainer = Trainer(cfg, layout, PREEMPTION)
     try:
         trainer.setup().run()
+    except StopRequested:
+        pass  # a signal during setup: said by the trainer; exit 0, the job resumes later
     finally:
         trainer.close()
+    if trainer.exit_code:
+        raise SystemExit(trainer.exit_code)  # REQUEUE_EXIT_CODE: stopped before the time limit
 
 
 def main() -> None:
     """Console entry point."""
+    PREEMPTION.install()
     register_configs()
     _hydra_main()
 

@@ -1,7 +1,8 @@
 """Atomic saves and preemption, proven with real processes.
 
-* kill -9 at random moments inside saves (a forked saver, killed several times): ``latest``
-  always names a complete, self-consistent checkpoint and keep_last holds;
+* kill -9 at random moments inside saves, synchronous and asynchronous (a forked saver, killed
+  several times): ``latest`` always names a complete, self-consistent checkpoint and keep_last
+  holds;
 * SIGUSR1 / SIGTERM to ``python -m longpo_megatron.train``: exit code 0, a message naming the
   checkpoint, and the next job resumes from it to the same final state (model and optimizer,
   bitwise) as an uninterrupted run.
@@ -75,9 +76,11 @@ def _kill_mid_save(proc, deadline: float, rng: random.Random, durations: list[fl
 
 
 @pytest.mark.timeout(150)
-def test_kill_9_during_save_never_breaks_latest(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_kill_9_during_save_never_breaks_latest(tmp_path, mode):
     root, kills = tmp_path / "ckpt", 6
-    cmd = [sys.executable, str(ROOT / "tests/checkpoint_saver.py"), str(root), str(kills + 1), "3"]
+    saver = str(ROOT / "tests/checkpoint_saver.py")
+    cmd = [sys.executable, saver, str(root), str(kills + 1), "3", mode]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env()
     )

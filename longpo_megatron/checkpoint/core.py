@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 
 from longpo_megatron.checkpoint import paths, state, storage
 from longpo_megatron.checkpoint.paths import CheckpointError
+
+if TYPE_CHECKING:
+    from longpo_megatron.checkpoint.async_save import AsyncCheckpointWriter
 
 FORMAT_VERSION = 1
 KINDS = ("training", "weights")
@@ -105,11 +109,14 @@ def save(
     keep_last: int = 2,
     extra: Optional[dict[str, Any]] = None,
     thread_count: int = 1,
+    async_writer: Optional[AsyncCheckpointWriter] = None,
 ) -> Path:
     """Save ``<root>/iter_<step>`` atomically, update ``latest``, keep the last ``keep_last``.
 
     Collective: every rank calls it. ``extra`` (plain types / tensors) is added to the common
-    state, e.g. converter metadata. Returns the published iteration directory.
+    state, e.g. converter metadata. Returns the iteration directory. With ``async_writer`` the
+    shards are written in the background and the directory is published by a later
+    ``async_writer.poll()`` / ``wait()`` (a save still in flight is finished first).
     """
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind {kind!r}: must be one of {list(KINDS)}")
@@ -117,6 +124,8 @@ def save(
     if clash:
         raise ValueError(f"extra checkpoint keys {clash} are reserved")
     root = Path(root)
+    if async_writer is not None:
+        async_writer.wait()  # one save in flight; its .tmp must survive clear_leftovers
     final = root / paths.iter_dir_name(step)
     tmp = final.with_name(final.name + paths.TMP_SUFFIX)
     rank0 = dist.get_rank() == 0
@@ -132,13 +141,27 @@ def save(
         **(extra or {}),
     }
     to_save = _save_state(kind, model, groups, optimizer, common)
+    if async_writer is not None:
+        strategy = async_writer.strategy(getattr(groups, "dp_cp", None))
+        request = dist_checkpointing.save(
+            to_save, str(tmp), sharded_strategy=strategy, async_sharded_save=True
+        )
+        request.add_finalize_fn(partial(_publish, root, tmp, final, keep_last))
+        async_writer.schedule(request, final)
+        return final
     strategy = storage.CpuTorchDistSaveStrategy(thread_count)
     dist_checkpointing.save(to_save, str(tmp), sharded_strategy=strategy)  # ends in a barrier
-    if rank0:
+    _publish(root, tmp, final, keep_last)
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """After every rank's shards are written: rank 0 publishes ``tmp`` as ``final`` (moving
+    ``latest``) and prunes; then all ranks barrier. Shared by synchronous and async saves."""
+    if dist.get_rank() == 0:
         paths.publish(root, tmp, final)
         paths.prune(root, keep_last)
     dist.barrier()
-    return final
 
 
 def _alias(key: str, stored: dict[str, Any]) -> str:

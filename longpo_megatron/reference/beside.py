@@ -58,7 +58,8 @@ def score_or_load(scorer_factory, cfg: Config, dataset: Any, batch_pairs: int) -
 
 def load_beside(cfg: Config, dataset: Any, identity: Optional[dict[str, Any]]) -> Optional[Path]:
     """Fill ``dataset`` from the store of reference ``identity`` beside it; None when absent."""
-    path = store_beside(dataset, identity) if identity else None
+    has_dir = getattr(dataset, "root", None) is not None
+    path = store_beside(dataset, identity) if identity and has_dir else None
     if path is None or not path.is_file():
         return None
     load_store(path, cfg, dataset, identity)

@@ -5,7 +5,8 @@
 - :class:`MegatronEngine`: megatron's ``get_forward_backward_func`` schedules, Megatron DDP,
   ``get_megatron_optimizer`` (distributed optimizer) — the GPU cluster path.
 
-Both expose ``train_step(forward_step, batches, lr)``, ``model`` and ``optimizer``.
+Both expose ``train_step(forward_step, batches, lr)``, ``evaluate(forward_step, batches)``
+(forward only, no gradients: held-out validation), ``model`` and ``optimizer``.
 """
 
 from __future__ import annotations
@@ -91,3 +92,17 @@ class CpuEngine:
         _set_lr(self.optimizer, lr)
         self.optimizer.step()
         return StepResult(metrics, float(norm))
+
+    def evaluate(self, forward_step: ForwardStep, batches: list[Batch]) -> list[dict[str, Tensor]]:
+        """Forward-only pass in eval mode (no gradients); per-micro-batch metrics, last stage."""
+        self.model.eval()
+        try:
+            return self.schedule(
+                forward_step_func=forward_step,
+                data_iterator=iter(batches),
+                model=self.model,
+                num_microbatches=len(batches),
+                forward_only=True,
+            )
+        finally:
+            self.model.train()

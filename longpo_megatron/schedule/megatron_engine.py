@@ -62,7 +62,7 @@ class MegatronEngine:
         tcfg.variable_seq_lengths = True
         self.forward_backward = get_forward_backward_func()
 
-    def _run(self, forward_step: ForwardStep, batches: list[Batch]):
+    def _run(self, forward_step: ForwardStep, batches: list[Batch], forward_only: bool = False):
         seq = max(int(b["tokens"].shape[1]) for b in batches)
         return self.forward_backward(
             forward_step_func=forward_step,
@@ -71,7 +71,7 @@ class MegatronEngine:
             num_microbatches=len(batches),
             seq_length=seq,
             micro_batch_size=self.micro_rows,
-            forward_only=False,
+            forward_only=forward_only,
         )
 
     def train_step(self, forward_step: ForwardStep, batches: list[Batch], lr: float) -> StepResult:
@@ -82,3 +82,14 @@ class MegatronEngine:
         _set_lr(self.optimizer, lr)
         ok, norm, _ = self.optimizer.step()
         return StepResult(list(metrics), float(norm or 0.0), skipped=not ok)
+
+    def evaluate(self, forward_step: ForwardStep, batches: list[Batch]) -> list[dict]:
+        """Forward-only pass of megatron's schedule in eval mode; per-micro-batch metrics."""
+        if not batches:
+            return []
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return list(self._run(forward_step, batches, forward_only=True))
+        finally:
+            self.model.train()
