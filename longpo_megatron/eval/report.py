@@ -118,9 +118,13 @@ def heatmap(result: dict[str, Any], path: str | Path) -> Path:
 
     metric, cells = result["metric"], result["cells"]
     tasks = sorted({c["task"] for c in cells})
-    fig = Figure(figsize=(4.2 * len(tasks), 3.6), layout="constrained")
+    cols = min(4, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[len(tasks) :]:
+        ax.set_visible(False)
     image = None
     for ax, task in zip(axes, tasks):
         mine = [c for c in cells if c["task"] == task]
@@ -138,8 +142,8 @@ def heatmap(result: dict[str, Any], path: str | Path) -> Path:
         ax.set_title(task)
         ax.set_xlabel("length (tokens)")
         ax.set_ylabel("depth")
-    fig.colorbar(image, ax=list(axes), label=f"{metric} accuracy")
-    fig.suptitle(f"{result['name']} ({result['mode']})")
+    fig.colorbar(image, ax=axes, label=f"{metric} accuracy")
+    fig.suptitle(f"{result['name']} ({result.get('mode', '?')})")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
