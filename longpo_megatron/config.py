@@ -173,6 +173,9 @@ class TrainConfig:
     """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
     log_interval: int = 1
     """Print and log metrics every N steps."""
+    eval_interval: int = 0
+    """Every N steps run the needle probe (longpo_megatron/eval/probe.py) on the policy at
+    data.max_seq_length and log its accuracy (probe/* metrics); 0 = off."""
 
 
 @dataclass

@@ -51,7 +51,7 @@ POSITIVE = (
 
 NON_NEGATIVE = (
     "longpo.lam", "optim.min_lr", "optim.weight_decay", "optim.clip_grad",
-    "train.seed", "checkpoint.save_interval",
+    "train.seed", "train.eval_interval", "checkpoint.save_interval",
 )  # fmt: skip
 """Keys that must be >= 0."""
 

@@ -24,6 +24,7 @@ CONSOLE_KEYS = (
     ("lr", "lr", ".3e"),
     ("gnorm", "grad_norm", ".3f"),
     ("tok/s", "tokens_per_s", ".0f"),
+    ("needle", "probe/needle_greedy_acc", ".2f"),
 )
 
 
