@@ -8,7 +8,8 @@ another machine or another model sees exactly the same text.
 
 ``length`` is the target length of ``context + question`` in tokens of the evaluated model's
 tokenizer (``count`` counts them); the haystack is filled up to it sentence by sentence.
-``depth`` in [0, 1] is where the (first) needle sits: 0 = start of the context, 1 = end.
+``depth`` in [0, 1] is where the (asked) needle sits: the share of the distractor text (the
+context without the needles) that comes before it; 0 = start of the context, 1 = end.
 
 Tasks (RULER's names): ``niah_single``, ``niah_multikey``, ``niah_multivalue``,
 ``niah_multiquery`` (needle retrieval), ``vt`` (variable tracking), ``cwe`` (aggregation: the
@@ -141,13 +142,21 @@ def _filler(rng: random.Random) -> str:
 class _Budget:
     """Token budget of a context: counts each piece once (pieces are joined by spaces)."""
 
-    def __init__(self, length: int, count: Count, fixed: list[str]) -> None:
-        self.count, self.cache = count, {}
-        self.left = length - sum(self.tokens(p) for p in fixed)
+    def __init__(
+        self, length: int, count: Count, fixed: list[str], task: str = "", sep: str = " "
+    ) -> None:
+        self.count, self.cache, self.sep = count, {}, sep
+        need = sum(self.tokens(p) for p in fixed)
+        self.left = length - need
+        if self.left < 0 and task:
+            raise TaskError(
+                f"{task}: length={length} tokens is too short: its needles and question alone "
+                f"take {need} tokens (use a longer length or fewer keys / values / hops)"
+            )
 
     def tokens(self, piece: str) -> int:
         if piece not in self.cache:
-            self.cache[piece] = self.count(" " + piece)
+            self.cache[piece] = self.count(self.sep + piece)
         return self.cache[piece]
 
     def take(self, piece: str) -> bool:
@@ -242,7 +251,7 @@ def _niah(rng: random.Random, task: str, length: int, depth: float, opts: TaskOp
         f"Answer with the {'numbers' if plural else 'number'} only."
     )
     needles = [_needle(k, v) for k, v in pairs]
-    budget = _Budget(length, count, [*needles, question])
+    budget = _Budget(length, count, [*needles, question], task)
     hay = _haystack(rng, budget)
     depths = [depth] + [rng.random() for _ in needles[1:]]
     context, spans = _place(hay, list(zip(depths, needles)))
@@ -270,7 +279,7 @@ def _vt(rng: random.Random, task: str, length: int, depth: float, opts: TaskOpti
         f"Find all variables that are assigned the value {value} in the text above. "
         "Answer with the variable names only."
     )
-    hay = _haystack(rng, _Budget(length, count, [*mine, *theirs, question]))
+    hay = _haystack(rng, _Budget(length, count, [*mine, *theirs, question], task))
     step = (1.0 - depth) / len(mine)
     items = [(depth + i * step, s) for i, s in enumerate(mine)]
     items += list(zip(sorted(rng.random() for _ in theirs), theirs))
@@ -287,8 +296,12 @@ def _cwe(rng: random.Random, task: str, length: int, depth: float, opts: TaskOpt
         f"What are the {opts.cwe_top_k} most common words in the numbered list above? "
         "Answer with the words only."
     )
-    words = [w for w in common for _ in range(opts.cwe_common_freq)]
-    budget = _Budget(length, count, [f"{i}. {w}" for i, w in enumerate(words)] + [question])
+    for freq in range(opts.cwe_common_freq, 3, -1):  # fewer repeats when the length is short
+        words = [w for w in common for _ in range(freq)]
+        items = [f"{i}. {w}" for i, w in enumerate(words, start=1)] + [question]
+        budget = _Budget(length, count, items, task if freq == 4 else "")
+        if budget.left >= 0:
+            break
     rare: list[str] = []
     seen = set(common)
     while True:
@@ -296,7 +309,8 @@ def _cwe(rng: random.Random, task: str, length: int, depth: float, opts: TaskOpt
         if word in seen:
             continue
         seen.add(word)
-        if not all(budget.take(f"{len(words) + j}. {word}") for j in range(3)):
+        at = len(words) + 3 * len(rare)  # numbers 1..N are the same digits in any order
+        if not all(budget.take(f"{at + j + 1}. {word}") for j in range(3)):
             break
         rare.append(word)
     words += [w for w in rare for _ in range(3)]
@@ -340,7 +354,7 @@ def _qa(rng: random.Random, task: str, length: int, depth: float, opts: TaskOpti
         + QA_QUESTIONS[attr].format(name=gold["name"])
         + " Answer with a few words only."
     )
-    budget = _Budget(length, count, [_paragraph(gold), question])
+    budget = _Budget(length, count, [_paragraph(gold), question], task, sep="\n\n")
     used, hay = {gold["name"]}, []
     while True:
         name = surname()
