@@ -235,3 +235,22 @@ def test_cli_user_errors_are_one_line(args: list[str], message: str, tmp_path: P
     assert proc.returncode == 2, proc.stderr
     assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "preset", [None, *sorted(p.stem for p in (ROOT / "conf/eval/preset").glob("*.yaml"))]
+)
+def test_shipped_yamls_compose_and_validate(preset: str | None) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from longpo_megatron.eval.config import register_eval_configs, to_eval_config
+
+    register_eval_configs()
+    overrides = ["model=/some/model"] + ([f"preset={preset}"] if preset else [])
+    with initialize_config_dir(config_dir=str(ROOT / "conf/eval"), version_base="1.3"):
+        cfg = to_eval_config(compose("eval", overrides=overrides))
+    validate_eval_config(cfg)
+    assert cfg.model == "/some/model" and cfg.backend.model == ""
+    with initialize_config_dir(config_dir=str(ROOT / "conf/eval"), version_base="1.3"):
+        with pytest.raises(EvalConfigError, match=r"unknown config key\(s\) \['bogus'\]"):
+            to_eval_config(compose("eval", overrides=["+bogus=1"]))
