@@ -52,7 +52,7 @@ class HFEvalBackend(HFBackend):
     """The datagen ``hf`` backend plus batched teacher-forced scoring of response tokens."""
 
     def loglik(self, rows: Sequence[Row]) -> list[tuple[float, bool]]:
-        """Right-padded forward passes grouped by ``backend.max_batch_tokens``."""
+        """Forward passes grouped by ``backend.max_batch_tokens`` (as generation)."""
         if self._model is None:
             self._load()
         out: list[tuple[float, bool]] = []
@@ -62,26 +62,34 @@ class HFEvalBackend(HFBackend):
         return out
 
     def _score_group(self, rows: Sequence[Row]) -> list[tuple[float, bool]]:
+        """Left-padded rows with explicit positions; logits only for the answer positions."""
         import torch
 
         width = max(len(ids) for ids, _ in rows)
+        keep = max(len(ids) - mask.index(True) + 1 for ids, mask in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (row, _) in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            attn[i, : len(row)] = 1
+            ids[i, width - len(row) :] = torch.tensor(row)
+            attn[i, width - len(row) :] = 1
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             logits = self._model(
-                input_ids=ids.to(self._device), attention_mask=attn.to(self._device)
-            ).logits.float()
+                input_ids=ids.to(self._device),
+                attention_mask=attn.to(self._device),
+                position_ids=positions.to(self._device),
+                logits_to_keep=keep,  # older transformers ignore it: slice below either way
+            ).logits[:, -keep:].float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).cpu()
         best = logits[:, :-1].argmax(-1).cpu()
         out = []
         for i, (row, mask) in enumerate(rows):
-            pos = torch.tensor([t - 1 for t in range(1, len(row)) if mask[t]], dtype=torch.long)
-            target = ids[i, pos + 1]
-            lp = logp[i, pos].gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            out.append((float(lp.double().sum()), bool((best[i, pos] == target).all())))
+            # logits column c predicts token width - keep + c + 1 (c < keep - 1)
+            cols = [width - len(row) + t - (width - keep) - 1 for t in range(len(row)) if mask[t]]
+            col = torch.tensor(cols, dtype=torch.long)
+            target = ids[i, col + width - keep + 1]
+            lp = logp[i, col].gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            out.append((float(lp.double().sum()), bool((best[i, col] == target).all())))
         return out
 
 
