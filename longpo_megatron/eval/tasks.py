@@ -320,14 +320,17 @@ def _cwe(rng: random.Random, task: str, length: int, depth: float, opts: TaskOpt
     return context, question, tuple(common), choices, label, ()
 
 
+ATTRIBUTES: dict[str, Callable[[random.Random], str]] = {
+    "city": lambda rng: rng.choice(CITIES),
+    "job": lambda rng: rng.choice(PROFESSIONS),
+    "year": lambda rng: str(rng.randrange(1700, 1990)),
+    "pet": lambda rng: f"{rng.choice(COLORS)} {rng.choice(ANIMALS)}",
+}
+"""qa: how each attribute of an entity is drawn."""
+
+
 def _entity(rng: random.Random, name: str) -> dict[str, str]:
-    return {
-        "name": name,
-        "city": rng.choice(CITIES),
-        "job": rng.choice(PROFESSIONS),
-        "year": str(rng.randrange(1700, 1990)),
-        "pet": f"{rng.choice(COLORS)} {rng.choice(ANIMALS)}",
-    }
+    return {"name": name, **{key: draw(rng) for key, draw in ATTRIBUTES.items()}}
 
 
 def _paragraph(e: dict[str, str]) -> str:
@@ -355,26 +358,20 @@ def _qa(rng: random.Random, task: str, length: int, depth: float, opts: TaskOpti
         + " Answer with a few words only."
     )
     budget = _Budget(length, count, [_paragraph(gold), question], task, sep="\n\n")
-    used, hay = {gold["name"]}, []
+    used, hay, others = {gold["name"]}, [], []
     while True:
         name = surname()
         if name in used:
             continue
-        para = _paragraph(_entity(rng, name))
-        if not budget.take(para):
+        entity = _entity(rng, name)
+        if not budget.take(_paragraph(entity)):
             break
         used.add(name)
-        hay.append(para)
+        hay.append(_paragraph(entity))
+        others.append(entity[attr])
     context, spans = _place(hay, [(depth, _paragraph(gold))], separator="\n\n")
-    values = {"city": CITIES, "job": PROFESSIONS, "year": None, "pet": None}[attr]
-    make = (
-        (lambda: rng.choice(values))
-        if values
-        else (lambda: str(rng.randrange(1700, 1990)))
-        if attr == "year"
-        else (lambda: f"{rng.choice(COLORS)} {rng.choice(ANIMALS)}")
-    )
-    choices, label = _choices(rng, (gold[attr],), [], make, opts.num_choices)
+    make = lambda: ATTRIBUTES[attr](rng)  # noqa: E731
+    choices, label = _choices(rng, (gold[attr],), others, make, opts.num_choices)
     return context, question, (gold[attr],), choices, label, spans
 
 
