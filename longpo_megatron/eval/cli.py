@@ -38,6 +38,8 @@ from longpo_megatron.eval.report import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf" / "eval"
 os.environ.setdefault("LONGPO_ROOT", str(REPO_ROOT))
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+"""Variables a Megatron evaluation sets when started without torchrun (restored after)."""
 
 
 def is_hf_dir(path: str) -> bool:
@@ -65,6 +67,7 @@ def run(cfg: EvalConfig, evaluator: Any = None) -> dict[str, Any]:
         (out / "compare.txt").write_text(text + "\n")
         return {"compare": text}
     megatron = evaluator is None and not is_hf_dir(str(cfg.model))
+    saved_env = {k: os.environ.get(k) for k in DIST_ENV}
     try:
         if evaluator is None:
             if megatron:
@@ -90,6 +93,11 @@ def run(cfg: EvalConfig, evaluator: Any = None) -> dict[str, Any]:
             from longpo_megatron import distributed
 
             distributed.destroy()
+            for key, value in saved_env.items():  # a plain process got a 1-rank world's env
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _rank() -> int:
