@@ -37,12 +37,19 @@ from longpo_megatron.schedule.cpu_pipeline import CpuPipelineSchedule
 from longpo_megatron.schedule.forward_step import Batch, _run_model, unwrap
 
 
-def vocab_parallel_argmax(h: Tensor, weight: Tensor, tp_group: dist.ProcessGroup) -> Tensor:
+def vocab_parallel_argmax(
+    h: Tensor, weight: Tensor, tp_group: dist.ProcessGroup, vocab_limit: Optional[int] = None
+) -> Tensor:
     """Global argmax token of ``h [N, hidden] @ weight.T`` for a vocab-sharded ``weight``;
-    ties go to the lowest id, as ``torch.argmax`` over the full logits."""
+    ties go to the lowest id, as ``torch.argmax`` over the full logits. Ids from
+    ``vocab_limit`` on (vocabulary padding the tokenizer cannot decode) are never chosen."""
     logits = (h @ weight.t()).float()
+    start = tp_group.rank() * weight.shape[0]
+    if vocab_limit is not None:
+        ids = torch.arange(start, start + weight.shape[0], device=logits.device)
+        logits = logits.masked_fill(ids >= vocab_limit, float("-inf"))
     value, index = logits.max(dim=-1)
-    index = index + tp_group.rank() * weight.shape[0]
+    index = index + start
     if tp_group.size() == 1:
         return index
     values = [torch.empty_like(value) for _ in range(tp_group.size())]
@@ -53,7 +60,9 @@ def vocab_parallel_argmax(h: Tensor, weight: Tensor, tp_group: dist.ProcessGroup
     return torch.stack(indices).gather(0, best.unsqueeze(0)).squeeze(0)
 
 
-def _row_stats(hidden: Tensor, batch: Batch, weight: Tensor, chunk: int, g: LossGroups) -> Tensor:
+def _row_stats(
+    hidden: Tensor, batch: Batch, weight: Tensor, chunk: int, g: LossGroups, limit: Optional[int]
+) -> Tensor:
     """``[rows, 3]`` float64: Σ label log-probs, non-argmax labels, Σ argmax ids (marked ones)."""
     select = batch["response_mask"].bool()
     labels = batch["labels"]
@@ -61,7 +70,7 @@ def _row_stats(hidden: Tensor, batch: Batch, weight: Tensor, chunk: int, g: Loss
     if g.sequence_parallel:
         hidden = gather_from_sequence_parallel_region(hidden, group=g.tp)
     b_idx, s_idx = select.nonzero(as_tuple=True)
-    best = vocab_parallel_argmax(hidden[s_idx, b_idx], weight, g.tp)
+    best = vocab_parallel_argmax(hidden[s_idx, b_idx], weight, g.tp, limit)
     rows = labels.shape[0]
     wrong = torch.zeros(rows, dtype=torch.float64, device=labels.device)
     wrong.index_add_(0, b_idx, (best != labels[b_idx, s_idx]).double())
@@ -73,11 +82,12 @@ def _row_stats(hidden: Tensor, batch: Batch, weight: Tensor, chunk: int, g: Loss
     return stats
 
 
-def make_eval_forward_step(chunk_size: int, groups: LossGroups):
+def make_eval_forward_step(chunk_size: int, groups: LossGroups, vocab_limit: Optional[int] = None):
     """forward_step whose last stage yields ``{"stats": [rows, 3], "owner": [rows]}``."""
 
     def loss_func(batch: Batch, model: torch.nn.Module, hidden: Tensor):
-        stats = _row_stats(hidden, batch, unwrap(model).output_weight(), chunk_size, groups)
+        weight = unwrap(model).output_weight()
+        stats = _row_stats(hidden, batch, weight, chunk_size, groups, vocab_limit)
         return hidden.sum() * 0.0, {"stats": stats, "owner": batch["owner"]}
 
     def forward_step(data_iterator, model: torch.nn.Module):
@@ -109,7 +119,7 @@ class MegatronEvaluator:
         self.device = param.device
         self.schedule = CpuPipelineSchedule(groups, param.dtype, param.device)
         loss_groups = LossGroups(groups.tp, groups.cp, sequence_parallel)
-        self.step = make_eval_forward_step(chunk_size, loss_groups)
+        self.step = make_eval_forward_step(chunk_size, loss_groups, tokenizer.vocab_size)
         self._describe = describe or {}
 
     def describe(self) -> dict[str, Any]:

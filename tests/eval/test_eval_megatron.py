@@ -109,3 +109,24 @@ def test_checkpoint_in_parallel_layouts(checkpoints, hf_results, layout, tmp_pat
     for mg in results:  # every rank holds the whole result
         _same_samples(hf, mg, "loglik")
     assert results[0]["model"]["layout"]["tp"] == layout.get("tensor_model_parallel_size", 1)
+
+
+class OneRank:
+    """A stand-in for a one-rank TP group (only rank() and size() are asked)."""
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 1
+
+
+def test_argmax_skips_vocabulary_padding_and_breaks_ties_low() -> None:
+    import torch
+
+    from longpo_megatron.eval.megatron import vocab_parallel_argmax
+
+    weight = torch.tensor([[1.0, 0.0], [2.0, 0.0], [2.0, 0.0], [9.0, 0.0]])  # id 3 = padding
+    h = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert vocab_parallel_argmax(h, weight, OneRank()).tolist() == [3, 0]
+    assert vocab_parallel_argmax(h, weight, OneRank(), vocab_limit=3).tolist() == [1, 0]
