@@ -21,6 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from longpo_megatron.errors import report_user_errors
+from longpo_megatron.eval.backends import EvalConfigError
 from longpo_megatron.eval.config import (
     EvalConfig,
     register_eval_configs,
@@ -52,7 +53,13 @@ def _hf_evaluator(cfg: EvalConfig):
     from longpo_megatron.eval.backends import GenerationEvaluator
 
     backend = dataclasses.replace(cfg.backend, model=str(cfg.model))
-    return GenerationEvaluator(backend, HFChatTokenizer(backend.tokenizer or backend.model))
+    try:
+        tokenizer = HFChatTokenizer(backend.tokenizer or backend.model)
+        return GenerationEvaluator(backend, tokenizer)
+    except (ValueError, OSError) as e:  # no chat template / eos, missing files, bad dtype
+        if isinstance(e, EvalConfigError):
+            raise
+        raise EvalConfigError(f"model={cfg.model!r} (HF directory): {e}") from None
 
 
 def run(cfg: EvalConfig, evaluator: Any = None) -> dict[str, Any]:

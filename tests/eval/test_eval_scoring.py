@@ -254,3 +254,16 @@ def test_shipped_yamls_compose_and_validate(preset: str | None) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf/eval"), version_base="1.3"):
         with pytest.raises(EvalConfigError, match=r"unknown config key\(s\) \['bogus'\]"):
             to_eval_config(compose("eval", overrides=["+bogus=1"]))
+
+
+def test_hf_directory_without_chat_template(tmp_path: Path) -> None:
+    from longpo_megatron.datagen.tiny_model import make_tiny_tokenizer
+
+    model = make_tiny_tokenizer(tmp_path / "m", ["some text to train on"], vocab_size=300)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    (model / "config.json").write_text("{}")
+    with pytest.raises(EvalConfigError, match=r"model='.*/m' \(HF directory\): .*no chat template"):
+        run(EvalConfig(model=str(model), tasks=["niah_single"], output_dir=str(tmp_path)))
