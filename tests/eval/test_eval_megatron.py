@@ -3,8 +3,8 @@
 A tiny random Llama (HF) is converted to a Megatron weights checkpoint with the repo's
 converter, and that checkpoint is exported back to HF. ``longpo-eval`` then scores the same
 samples through transformers (the export) and through the project model (the checkpoint, TP=1 in
-process; TP=2, PP=2 and CP=2 on two gloo ranks): the log-likelihoods agree to fp32 rounding, the
-choices and greedy checks are the same, and greedy generation writes the same text.
+process; TP=2, PP=2, CP=2 and DP=2 on two gloo ranks): the log-likelihoods agree to fp32
+rounding, the choices and greedy checks are the same, and greedy generation writes the same text.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def eval_worker(rank: int, world: int, *, model: str, mode: str, out: str, layou
         {"tensor_model_parallel_size": 2},
         pytest.param({"pipeline_model_parallel_size": 2}, marks=pytest.mark.slow),
         pytest.param({"context_parallel_size": 2}, marks=pytest.mark.slow),
+        pytest.param({}, marks=pytest.mark.slow),  # two data-parallel replicas share the rows
     ],
-    ids=["tp2", "pp2", "cp2"],
+    ids=["tp2", "pp2", "cp2", "dp2"],
 )
 def test_checkpoint_in_parallel_layouts(checkpoints, hf_results, layout, tmp_path) -> None:
     hf = hf_results["loglik"]
@@ -109,6 +110,7 @@ def test_checkpoint_in_parallel_layouts(checkpoints, hf_results, layout, tmp_pat
     for mg in results:  # every rank holds the whole result
         _same_samples(hf, mg, "loglik")
     assert results[0]["model"]["layout"]["tp"] == layout.get("tensor_model_parallel_size", 1)
+    assert results[0]["model"]["layout"]["dp"] == (1 if layout else 2)
 
 
 class OneRank:
