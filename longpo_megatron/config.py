@@ -200,6 +200,9 @@ class TrainConfig:
     valid_interval: int = 0
     """Score the held-out pairs (data.validation_path / data.validation_fraction) every N steps
     and at the end; 0 = only at the end when a validation set exists."""
+    eval_interval: int = 0
+    """Every N steps run the needle probe (longpo_megatron/eval/probe.py) on the policy at
+    data.max_seq_length and log its accuracy (probe/* metrics); 0 = off."""
 
 
 @dataclass

@@ -54,8 +54,8 @@ POSITIVE = (
 
 NON_NEGATIVE = (
     "longpo.lam", "optim.min_lr", "optim.weight_decay", "optim.clip_grad",
-    "train.seed", "checkpoint.save_interval", "checkpoint.save_interval_minutes",
-    "train.exit_margin_minutes", "train.valid_interval",
+    "train.seed", "train.eval_interval", "checkpoint.save_interval",
+    "checkpoint.save_interval_minutes", "train.exit_margin_minutes", "train.valid_interval",
 )  # fmt: skip
 """Keys that must be >= 0."""
 

@@ -40,6 +40,7 @@ CONSOLE_KEYS = (
     ("valid loss", "valid/loss", ".4f"),
     ("valid acc", "valid/rewards/accuracy", ".2f"),
     ("valid margin", "valid/rewards/margins", ".4f"),
+    ("needle", "probe/needle_greedy_acc", ".2f"),
 )
 """(console name, metric key, format) of the console line; ``eta_s`` is printed as h:mm:ss."""
 

@@ -506,12 +506,24 @@ class Trainer:
                 if self.state.step % self.cfg.train.log_interval == 0:
                     self.logger.log(self.state.step, values)
             self.time_limit.record_step(time.perf_counter() - t0)
+            if self.cfg.train.eval_interval and self.state.step % self.cfg.train.eval_interval == 0:
+                self.run_probe()
             if self._step_boundary():
                 return self.history
         if self.cfg.checkpoint.save and self._saved_step != self.state.step:
             self.save_checkpoint()
         self._finish_async_save(blocking=True)
         return self.history
+
+    def run_probe(self) -> dict[str, float]:
+        """The needle probe of ``train.eval_interval`` on the policy (collective); logs it."""
+        from longpo_megatron.eval.probe import NeedleProbe
+
+        if getattr(self, "_probe", None) is None:
+            self._probe = NeedleProbe.for_trainer(self)
+        values = self._probe.run(self.model)
+        self.logger.log(self.state.step, values)
+        return values
 
     def close(self) -> None:
         """Flush logs and tear down process groups."""

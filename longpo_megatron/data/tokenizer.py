@@ -124,9 +124,9 @@ class HFChatTokenizer:
         """Text to ids without added special tokens."""
         return list(self._tok.encode(text, add_special_tokens=False))
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Ids back to text (special tokens kept)."""
-        return str(self._tok.decode([int(i) for i in ids]))
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """Ids back to text; special tokens kept unless ``skip_special``."""
+        return str(self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special))
 
     def render_text(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         """The chat template's text of ``messages`` (not tokenized)."""
