@@ -53,6 +53,9 @@ class ModelConfig:
     rope_scaling: str = "none"
     """RoPE frequency scaling of BOTH policy and reference: none (plain RoPE) | llama3
     (Llama-3.1's low/high-frequency rescaling) | yarn (YaRN, e.g. Qwen2.5 beyond 32K)."""
+    reference_rope_scaling: Optional[str] = None
+    """RoPE scaling of the frozen REFERENCE; null = same as rope_scaling. Set none when the
+    policy alone is extended by YaRN (the reference stays the original plain-RoPE model)."""
     rope_scaling_factor: float = 1.0
     """llama3 / yarn: the context extension factor (HF ``factor``)."""
     rope_original_max_position_embeddings: Optional[int] = None

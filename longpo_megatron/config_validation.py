@@ -23,6 +23,7 @@ ALLOWED: dict[str, tuple[Any, ...]] = {
     "model.attention_backend": ("auto", "local", "te"),
     "model.recompute": ("none", "selective", "full"),
     "model.rope_scaling": ("none", "llama3", "yarn"),
+    "model.reference_rope_scaling": (None, "none", "llama3", "yarn"),
     "parallel.cp_comm_type": ("p2p", "a2a", "all_gather"),
     "parallel.engine": ("auto", "cpu", "gpu"),
     "parallel.distributed_backend": (None, "nccl", "gloo"),
@@ -313,14 +314,16 @@ def _check_data(cfg: Config, layout_multiple: int, tp: int, cp: int, sp: bool) -
 def _check_rope_scaling(cfg: Config) -> None:
     """llama3 / yarn need their anchor length; llama3's frequency band must be non-empty."""
     m = cfg.model
-    if m.rope_scaling == "none":
+    scalings = {m.rope_scaling, m.reference_rope_scaling or m.rope_scaling} - {"none"}
+    if not scalings:
         return
     if m.rope_original_max_position_embeddings is None:
         raise ConfigError(
-            f"model.rope_scaling={m.rope_scaling!r} needs "
+            f"model.rope_scaling={m.rope_scaling!r} / model.reference_rope_scaling="
+            f"{m.reference_rope_scaling!r} needs "
             "model.rope_original_max_position_embeddings (the pre-training context length)"
         )
-    if m.rope_scaling == "llama3" and not m.rope_high_freq_factor > m.rope_low_freq_factor:
+    if "llama3" in scalings and not m.rope_high_freq_factor > m.rope_low_freq_factor:
         raise ConfigError(
             f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be > "
             f"model.rope_low_freq_factor={m.rope_low_freq_factor} (llama3 RoPE scaling)"

@@ -7,6 +7,7 @@ chunks (no ``[sequence x vocab]`` tensor is ever made).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -152,6 +153,17 @@ def transformer_config(
         autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
         **recompute,
         **_yarn_fields(m),
+    )
+
+
+def reference_model_config(m: ModelConfig) -> ModelConfig:
+    """The frozen reference's architecture: the policy's, at the reference RoPE θ and scaling."""
+    return dataclasses.replace(
+        m,
+        rotary_base=m.reference_rotary_base or m.rotary_base,
+        rope_scaling=m.reference_rope_scaling or m.rope_scaling,
+        reference_rotary_base=None,
+        reference_rope_scaling=None,
     )
 
 
