@@ -140,7 +140,7 @@ def test_schema_rejects_unknown_keys_and_bad_types() -> None:
 ARCHITECTURES = {
     "mistral_7b": (32, 4096, 14336, 32, 8, 32000, 1e-5, False, 1e7, 1e6),
     "qwen2_5_7b": (28, 3584, 18944, 28, 4, 152064, 1e-6, True, 1e7, 1e6),
-    "llama": (32, 4096, 14336, 32, 8, 128256, 1e-5, False, 1e7, 5e5),
+    "llama3_1_8b": (32, 4096, 14336, 32, 8, 128256, 1e-5, False, 5e5, 5e5),
 }
 """layers, hidden, ffn, heads, kv groups, vocab, eps, qkv bias, policy θ, reference θ."""
 ARCH_KEYS = (
