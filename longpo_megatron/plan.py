@@ -22,13 +22,16 @@ FLOPs come from :mod:`longpo_megatron.flops` (the documented model-FLOP formula)
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from longpo_megatron import flops
 from longpo_megatron.config import ModelConfig
-from longpo_megatron.errors import UserError
+from longpo_megatron.config_validation import sequence_multiple
+from longpo_megatron.errors import UserError, report_user_errors
 
 GIB = 2**30
 CONF_MODELS = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -203,3 +206,194 @@ def estimate(req: PlanRequest, lay: Layout) -> Memory:
         loss=loss_bytes(req, lay),
         reference=weights if req.reference == "online" else 0.0,
     )
+
+
+def layouts(req: PlanRequest) -> tuple[list[Layout], list[str]]:
+    """Every layout megatron can build for ``req`` and, for the sizes left out, why."""
+    m, why = req.model, []
+    tps = [t for t in _divisors(req.gpus) if t <= req.gpus_per_node]
+    for t in list(tps):
+        bad = [
+            f"{k}={v}"
+            for k, v in (
+                ("num_attention_heads", m.num_attention_heads),
+                ("num_query_groups", m.num_query_groups),
+                ("vocab_size", m.vocab_size),
+                ("ffn_hidden_size", m.ffn_hidden_size),
+            )
+            if v % t
+        ]
+        if bad:
+            tps.remove(t)
+            why.append(f"TP={t} does not divide {', '.join(bad)}")
+    out = []
+    for tp in tps:
+        for pp in _divisors(req.gpus // tp):
+            if m.num_layers % pp or (pp > 1 and m.tie_word_embeddings):
+                continue
+            for cp in _divisors(req.gpus // (tp * pp)):
+                dp = req.gpus // (tp * pp * cp)
+                multiple = sequence_multiple(tp, cp, req.engine == "gpu" and tp > 1)
+                if req.seq_len % multiple or req.global_batch % (req.micro_batch * dp):
+                    continue
+                out.append(Layout(tp, pp, cp, dp))
+    return out, why
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def step_flops(req: PlanRequest) -> float:
+    """Model FLOPs of one optimizer step (:mod:`longpo_megatron.flops`): chosen and rejected
+    rows of length S per pair, log-probs at every position; the reference scores a chosen and a
+    rejected short sequence per pair (forward only)."""
+    dims = flops.Dims.of(req.model)
+    rows = 2 * req.global_batch
+    policy = flops.sequences_forward_flops(dims, [req.seq_len] * rows, rows * req.seq_len)
+    ref_len = req.ref_seq_len or min(req.seq_len, 32768)
+    reference = flops.sequences_forward_flops(dims, [ref_len] * rows, rows * ref_len)
+    return flops.step_flops(policy, reference)
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One layout with its memory estimate and whether it fits."""
+
+    layout: Layout
+    memory: Memory
+    fits: bool
+
+
+def plan(req: PlanRequest) -> tuple[list[PlanRow], PlanRow]:
+    """All layouts (estimated) and the recommended one; raises :class:`PlanError` when none can
+    run or none fits, naming why."""
+    if req.seq_len < 1 or req.gpus < 1 or req.gpu_mem_gib <= 0 or not 0 < req.mfu <= 1:
+        raise PlanError(
+            f"seq_len={req.seq_len}, gpus={req.gpus}, gpu_mem={req.gpu_mem_gib} GiB, "
+            f"mfu={req.mfu}: need positive sizes and 0 < mfu <= 1"
+        )
+    found, why = layouts(req)
+    if not found:
+        reasons = "; ".join(why) or "no TP·PP·CP·DP split fits the sizes"
+        raise PlanError(
+            f"no valid layout of {req.model.name} on {req.gpus} GPUs at S={req.seq_len}, "
+            f"global batch {req.global_batch}: {reasons} (sequence must divide into 2·CP "
+            "chunks, ×TP with sequence parallelism; global batch into micro_batch·DP)"
+        )
+    budget = HEADROOM * req.gpu_mem_gib * GIB
+    rows = [PlanRow(lay, mem, mem.total <= budget) for lay in found for mem in [estimate(req, lay)]]
+    fitting = [r for r in rows if r.fits]
+    if not fitting:
+        best = min(rows, key=lambda r: r.memory.total)
+        hint = "add GPUs or use a shorter sequence"
+        if req.recompute != "full":
+            hint = "use recompute full, add GPUs or use a shorter sequence"
+        raise PlanError(
+            f"{req.model.name} at S={req.seq_len} does not fit {req.gpus} GPUs of "
+            f"{req.gpu_mem_gib:g} GiB: the smallest layout ({best.layout}) needs "
+            f"{best.memory.total / GIB:.1f} GiB per GPU (limit {budget / GIB:.1f} GiB = "
+            f"{HEADROOM:.0%}); {hint}"
+        )
+    # Most data parallelism (least model-parallel communication), then no pipeline bubble,
+    # then the smallest TP (its all-reduces sit on the critical path), then the least memory.
+    best = min(fitting, key=lambda r: (-r.layout.dp, r.layout.pp, r.layout.tp, r.memory.total))
+    return rows, best
+
+
+def load_model(name: str) -> ModelConfig:
+    """A model preset by name (``conf/model/<name>.yaml``) or a YAML path."""
+    from longpo_megatron.export.cli import load_model_yaml
+
+    path = Path(name)
+    if not path.suffix:
+        path = CONF_MODELS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONF_MODELS.glob("*.yaml")))
+        raise PlanError(f"--model {name!r}: no such preset or file (presets: {known})")
+    return load_model_yaml(str(path))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="longpo-plan",
+        description="Every TP/PP/CP/DP layout with its per-GPU memory, the step's FLOPs and "
+        "time at a given MFU, and a recommended layout.",
+    )
+    p.add_argument("--model", required=True, help="conf/model preset name or a model YAML")
+    p.add_argument("--seq-len", type=int, required=True, help="long sequence length S")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in total")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="TP stays inside a node")
+    p.add_argument("--micro-batch", type=int, default=1, help="pairs per micro-batch")
+    p.add_argument("--global-batch", type=int, default=8, help="pairs per step (paper: 8)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="full")
+    p.add_argument(
+        "--reference", choices=("initial_policy", "precomputed", "online"), default="initial_policy"
+    )
+    p.add_argument("--ref-seq-len", type=int, default=None, help="short reference length")
+    p.add_argument("--engine", choices=("gpu", "cpu"), default="gpu")
+    p.add_argument("--no-distributed-optimizer", action="store_true")
+    p.add_argument("--logits-chunk", type=int, default=1024)
+    p.add_argument("--gpu", choices=sorted(flops.PEAK_FLOPS), default="h100", help="peak FLOP/s")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for step time")
+    return p
+
+
+def _report(req: PlanRequest, rows: list[PlanRow], best: PlanRow) -> str:
+    cols = ("weights", "grads", "optimizer", "activations", "loss", "reference")
+    head = f"{'layout':<22}" + "".join(f"{c[:11]:>12}" for c in cols) + f"{'total GiB':>11}  fits"
+    lines = [
+        f"{req.model.name}: S={req.seq_len}, {req.gpus} GPUs x {req.gpu_mem_gib:g} GiB, "
+        f"recompute={req.recompute}, reference={req.reference}, engine={req.engine}",
+        head,
+    ]
+    for r in rows:
+        mark = "  <- recommended" if r is best else ""
+        cells = "".join(f"{getattr(r.memory, c) / GIB:>12.2f}" for c in cols)
+        lines.append(
+            f"{str(r.layout):<22}{cells}{r.memory.total / GIB:>11.2f}  "
+            f"{'yes' if r.fits else 'no'}{mark}"
+        )
+    total = step_flops(req)
+    seconds = total / (req.gpus * req.peak_flops * req.mfu)
+    lay = best.layout
+    lines += [
+        f"FLOPs per step: {total:.3e} ({req.global_batch} pairs); step time at MFU "
+        f"{req.mfu:.0%}: {seconds:.1f} s ({2 * req.global_batch * req.seq_len / seconds:,.0f} "
+        "tokens/s)",
+        f"recommended: {lay} -> parallel.tensor_model_parallel_size={lay.tp} "
+        f"parallel.pipeline_model_parallel_size={lay.pp} parallel.context_parallel_size={lay.cp}"
+        f" train.micro_batch_size={req.micro_batch} train.global_batch_size={req.global_batch}",
+    ]
+    return "\n".join(lines)
+
+
+@report_user_errors
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``longpo-plan``: print the layout table and the recommendation."""
+    a = _parser().parse_args(argv)
+    req = PlanRequest(
+        model=load_model(a.model),
+        seq_len=a.seq_len,
+        gpus=a.gpus,
+        gpu_mem_gib=a.gpu_mem,
+        micro_batch=a.micro_batch,
+        global_batch=a.global_batch,
+        recompute=a.recompute,
+        reference=a.reference,
+        ref_seq_len=a.ref_seq_len,
+        engine=a.engine,
+        distributed_optimizer=not a.no_distributed_optimizer,
+        logits_chunk=a.logits_chunk,
+        gpus_per_node=a.gpus_per_node,
+        mfu=a.mfu,
+        peak_flops=flops.PEAK_FLOPS[a.gpu],
+    )
+    rows, best = plan(req)
+    print(_report(req, rows, best))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
