@@ -263,6 +263,9 @@ def register_configs() -> None:
     """Register the schema so Hydra type-checks every YAML and override against it."""
     from hydra.core.config_store import ConfigStore
 
+    from longpo_megatron.config_help import register_resolvers
+
+    register_resolvers()  # ${longpo_help:} (the --help text), ${longpo_job_dir:} (multirun)
     cs = ConfigStore.instance()
     cs.store(name="longpo_schema", node=Config)
     for group, node in GROUPS.items():
