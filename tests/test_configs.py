@@ -84,7 +84,7 @@ def needs_cuda(cfg: Config) -> bool:
 
 def test_conf_groups_match_schema() -> None:
     dirs = {p.name for p in CONF.iterdir() if p.is_dir()}
-    assert dirs == set(GROUPS) | {"experiment", "datagen"}  # datagen: tests/datagen
+    assert dirs == set(GROUPS) | {"experiment", "datagen", "hydra"}  # datagen: tests/datagen
     assert all(options(g) for g in GROUPS)
 
 
