@@ -17,7 +17,7 @@
 #   SAVE_INTERVAL  checkpoint every N steps; MASTER_PORT rendezvous port (default 29500)
 
 LONGPO_REQUEUE_EXIT_CODE=3  # longpo_megatron/errors.py REQUEUE_EXIT_CODE (tests check they agree)
-LONGPO_ENV_PREFIXES="NCCL_ TORCH_NCCL_ UCX_ FI_ IBV_ OMPI_MCA_ PMIX_MCA_ CUDA_DEVICE_MAX_"
+LONGPO_ENV_PREFIXES=(NCCL_ TORCH_NCCL_ UCX_ FI_ IBV_ OMPI_MCA_ PMIX_MCA_ CUDA_DEVICE_MAX_)
 LAUNCH="${LAUNCH:-python -m torch.distributed.run}"
 REPO="${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
 RUNS_ROOT="${RUNS_ROOT:-${REPO}/outputs/runs}"
@@ -45,11 +45,12 @@ longpo_setup_env() {
     source "${LONGPO_ENV_FILE}"
   fi
   local prefix var
-  for prefix in ${LONGPO_ENV_PREFIXES}; do
-    for var in $(compgen -v "${prefix}" || true); do
+  for prefix in "${LONGPO_ENV_PREFIXES[@]}"; do
+    while read -r var; do
+      [[ -n "${var}" ]] || continue
       export "${var?}"
       echo "env ${var}=${!var}"
-    done
+    done < <(compgen -v "${prefix}" || true)
   done
   export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
   export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
