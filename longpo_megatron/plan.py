@@ -49,15 +49,19 @@ class PlanRequest:
     """What to plan for."""
 
     model: ModelConfig
+    """The architecture (a conf/model preset)."""
     seq_len: int
     """Padded length of each long (chosen / rejected) sequence."""
     gpus: int
+    """GPUs in total (the world size)."""
     gpu_mem_gib: float
+    """Memory per GPU, GiB."""
     micro_batch: int = 1
     """Pairs per micro-batch (2 rows: chosen and rejected)."""
     global_batch: int = 8
     """Pairs per optimizer step."""
     recompute: str = "full"
+    """Activation recomputation: none | selective | full."""
     reference: str = "initial_policy"
     """initial_policy | precomputed (no reference weights while training) | online."""
     ref_seq_len: Optional[int] = None
@@ -65,11 +69,15 @@ class PlanRequest:
     engine: str = "gpu"
     """gpu (bf16, megatron DDP + distributed optimizer, TE attention) | cpu (fp32, local)."""
     distributed_optimizer: bool = True
+    """gpu engine: shard the optimizer state over DP×CP."""
     logits_chunk: int = 1024
+    """longpo.logits_chunk_size: positions per output-layer chunk."""
     gpus_per_node: int = 8
     """TP stays inside a node."""
     mfu: float = 0.4
+    """Model FLOPs utilisation assumed for the step time."""
     peak_flops: float = flops.PEAK_FLOPS["h100"]
+    """Dense bf16 peak FLOP/s of one GPU."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +107,8 @@ class Memory:
     @property
     def total(self) -> float:
         """Everything together."""
-        return (
-            self.weights + self.grads + self.optimizer + self.activations + self.loss
-        ) + self.reference
+        parts = (self.weights, self.grads, self.optimizer, self.activations, self.loss)
+        return sum(parts) + self.reference
 
 
 def stage_params(m: ModelConfig, tp: int, pp: int) -> int:
