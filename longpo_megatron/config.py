@@ -50,6 +50,29 @@ class ModelConfig:
     """Core attention: auto (TE on CUDA when importable, else local) | local | te."""
     recompute: str = "none"
     """Activation recomputation: none | selective (core attention) | full (whole layers)."""
+    rope_scaling: str = "none"
+    """RoPE frequency scaling of BOTH policy and reference: none (plain RoPE) | llama3
+    (Llama-3.1's low/high-frequency rescaling) | yarn (YaRN, e.g. Qwen2.5 beyond 32K)."""
+    reference_rope_scaling: Optional[str] = None
+    """RoPE scaling of the frozen REFERENCE; null = same as rope_scaling. Set none when the
+    policy alone is extended by YaRN (the reference stays the original plain-RoPE model)."""
+    rope_scaling_factor: float = 1.0
+    """llama3 / yarn: the context extension factor (HF ``factor``)."""
+    rope_original_max_position_embeddings: Optional[int] = None
+    """llama3 / yarn: the pre-training context the scaling is anchored to (HF
+    ``original_max_position_embeddings``; Llama-3.1: 8192, Qwen2.5: 32768)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max / low_freq_factor are divided by the factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max / high_freq_factor are left unscaled."""
+    yarn_beta_fast: float = 32.0
+    """yarn: rotations that bound the extrapolated (unscaled) dimensions."""
+    yarn_beta_slow: float = 1.0
+    """yarn: rotations that bound the interpolated (fully scaled) dimensions."""
+    yarn_mscale: float = 1.0
+    """yarn: numerator coefficient of the cos/sin attention factor 0.1·mscale·ln(factor)+1."""
+    yarn_mscale_all_dim: float = 0.0
+    """yarn: denominator coefficient of the attention factor (0 = denominator 1, HF's default)."""
 
 
 @dataclass
@@ -279,6 +302,9 @@ def register_configs() -> None:
     """Register the schema so Hydra type-checks every YAML and override against it."""
     from hydra.core.config_store import ConfigStore
 
+    from longpo_megatron.config_help import register_resolvers
+
+    register_resolvers()  # ${longpo_help:} (the --help text), ${longpo_job_dir:} (multirun)
     cs = ConfigStore.instance()
     cs.store(name="longpo_schema", node=Config)
     for group, node in GROUPS.items():

@@ -23,6 +23,8 @@ ALLOWED: dict[str, tuple[Any, ...]] = {
     "model.family": ("llama", "mistral", "qwen2"),
     "model.attention_backend": ("auto", "local", "te"),
     "model.recompute": ("none", "selective", "full"),
+    "model.rope_scaling": ("none", "llama3", "yarn"),
+    "model.reference_rope_scaling": (None, "none", "llama3", "yarn"),
     "parallel.cp_comm_type": ("p2p", "a2a", "all_gather"),
     "parallel.engine": ("auto", "cpu", "gpu"),
     "parallel.distributed_backend": (None, "nccl", "gloo"),
@@ -41,6 +43,9 @@ POSITIVE = (
     "model.num_attention_heads", "model.num_query_groups", "model.kv_channels",
     "model.vocab_size", "model.max_position_embeddings", "model.rotary_base",
     "model.reference_rotary_base", "model.norm_epsilon", "model.init_method_std",
+    "model.rope_scaling_factor", "model.rope_original_max_position_embeddings",
+    "model.rope_low_freq_factor", "model.rope_high_freq_factor", "model.yarn_beta_fast",
+    "model.yarn_beta_slow",
     "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
     "parallel.context_parallel_size", "parallel.data_parallel_size", "parallel.timeout_minutes",
     "longpo.beta", "longpo.logits_chunk_size", "reference.micro_batch_size",
@@ -316,6 +321,25 @@ def _check_data(cfg: Config, layout_multiple: int, tp: int, cp: int, sp: bool) -
         )
 
 
+def _check_rope_scaling(cfg: Config) -> None:
+    """llama3 / yarn need their anchor length; llama3's frequency band must be non-empty."""
+    m = cfg.model
+    scalings = {m.rope_scaling, m.reference_rope_scaling or m.rope_scaling} - {"none"}
+    if not scalings:
+        return
+    if m.rope_original_max_position_embeddings is None:
+        raise ConfigError(
+            f"model.rope_scaling={m.rope_scaling!r} / model.reference_rope_scaling="
+            f"{m.reference_rope_scaling!r} needs "
+            "model.rope_original_max_position_embeddings (the pre-training context length)"
+        )
+    if "llama3" in scalings and not m.rope_high_freq_factor > m.rope_low_freq_factor:
+        raise ConfigError(
+            f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be > "
+            f"model.rope_low_freq_factor={m.rope_low_freq_factor} (llama3 RoPE scaling)"
+        )
+
+
 def _check_reference(cfg: Config) -> None:
     if cfg.reference.mode == "precomputed" and cfg.longpo.loss == "sft_kl":
         raise ConfigError(
@@ -383,6 +407,7 @@ def validate_config(cfg: Config, world_size: int, cuda_available: bool) -> Resol
     _check_ranges(cfg)
     _check_reference(cfg)
     _check_validation(cfg)
+    _check_rope_scaling(cfg)
     engine = _resolve_engine(cfg, cuda_available)
     attention = _resolve_attention(cfg, engine, cuda_available)
     precision = _resolve_precision(cfg, engine, cuda_available)

@@ -32,6 +32,8 @@ EXTRA: dict[tuple[str, str], list[str]] = {
     ("parallel", "tp8_cp4"): ["model=mistral_7b"],
     ("data", "longpo_128k"): ["model=mistral_7b", "model.max_position_embeddings=131072"]
     + PLACEHOLDERS,
+    ("data", "longpo_256k"): ["model=mistral_7b", "model.max_position_embeddings=262144"]
+    + PLACEHOLDERS,
     ("data", "longpo_512k"): ["model=mistral_7b", "model.max_position_embeddings=524288"]
     + PLACEHOLDERS,
     ("reference", "precomputed"): ["reference.path=/placeholder/ref_logps.jsonl"],
@@ -82,7 +84,8 @@ def needs_cuda(cfg: Config) -> bool:
 
 def test_conf_groups_match_schema() -> None:
     dirs = {p.name for p in CONF.iterdir() if p.is_dir()}
-    assert dirs == set(GROUPS) | {"experiment", "datagen", "eval"}  # tests/datagen, tests/eval
+    # datagen: tests/datagen; eval: tests/eval; hydra: the --help template
+    assert dirs == set(GROUPS) | {"experiment", "datagen", "eval", "hydra"}
     assert all(options(g) for g in GROUPS)
 
 
@@ -140,7 +143,7 @@ def test_schema_rejects_unknown_keys_and_bad_types() -> None:
 ARCHITECTURES = {
     "mistral_7b": (32, 4096, 14336, 32, 8, 32000, 1e-5, False, 1e7, 1e6),
     "qwen2_5_7b": (28, 3584, 18944, 28, 4, 152064, 1e-6, True, 1e7, 1e6),
-    "llama": (32, 4096, 14336, 32, 8, 128256, 1e-5, False, 1e7, 5e5),
+    "llama3_1_8b": (32, 4096, 14336, 32, 8, 128256, 1e-5, False, 5e5, 5e5),
 }
 """layers, hidden, ffn, heads, kv groups, vocab, eps, qkv bias, policy θ, reference θ."""
 ARCH_KEYS = (
@@ -532,3 +535,72 @@ def test_precomputed_reference_needs_a_path() -> None:
 def test_sequence_parallel_needs_the_te_spec(no_te) -> None:
     cfg = make(**{"parallel.sequence_parallel": True, "parallel.tensor_model_parallel_size": 2})
     refused(cfg, 2, True, "parallel.sequence_parallel=True", "TransformerEngine spec")
+
+
+# --- GPU presets: TransformerEngine pinned, layouts that fit, RoPE scaling ---------------------
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_gpu_experiments_pin_te_and_fail_clearly_without_it(experiment: str, no_te) -> None:
+    cfg = compose_config([f"experiment={experiment}", *PLACEHOLDERS])
+    assert cfg.model.attention_backend == "te" and cfg.model.recompute == "full"
+    refused(cfg, implied_world(cfg), True, "model.attention_backend='te'", "transformer_engine")
+
+
+STAGE_GPUS = {131072: 8, 262144: 16, 524288: 16}
+"""GPUs slurm/longpo_128k.sh (1 node) and longpo_256k.sh / longpo_512k.sh (2 nodes) allocate."""
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_layout_fits_80gb_by_the_planner(experiment: str) -> None:
+    from longpo_megatron.plan import HEADROOM, Layout, PlanRequest, estimate
+
+    cfg = compose_config([f"experiment={experiment}", *PLACEHOLDERS])
+    p = cfg.parallel
+    gpus = STAGE_GPUS[cfg.data.max_seq_length]
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    lay = Layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                 p.context_parallel_size, gpus // mp)  # fmt: skip
+    req = PlanRequest(
+        model=cfg.model, seq_len=cfg.data.max_seq_length, gpus=gpus,
+        gpu_mem_gib=80, global_batch=cfg.train.global_batch_size, recompute=cfg.model.recompute,
+    )  # fmt: skip
+    assert estimate(req, lay).total <= HEADROOM * 80 * 2**30
+
+
+def test_paper_stage_hyper_parameters() -> None:
+    stages = (("128k", 131072, 5600), ("256k", 262144, 2000), ("512k", 524288, 310))
+    for stage, seq, iters in stages:
+        cfg = compose_config([f"experiment=mistral_{stage}", *PLACEHOLDERS])
+        assert cfg.data.max_seq_length == cfg.model.max_position_embeddings == seq
+        assert (cfg.optim.lr, cfg.optim.warmup_fraction, cfg.optim.weight_decay) == (5e-7, 0.1, 0)
+        assert cfg.optim.lr_decay_style == "cosine" and cfg.train.train_iters == iters
+        assert (cfg.train.micro_batch_size, cfg.train.global_batch_size) == (1, 8)
+        assert (cfg.longpo.beta, cfg.longpo.lam) == (0.01, 0.01)
+    qwen = compose_config(["experiment=qwen_256k", *PLACEHOLDERS]).model
+    assert (qwen.rope_scaling, qwen.reference_rope_scaling, qwen.rope_scaling_factor) == (
+        "yarn", "none", 8.0,
+    )  # fmt: skip
+    llama = compose_config(["experiment=llama3_1_128k", *PLACEHOLDERS]).model
+    assert llama.rope_scaling == "llama3" and llama.rotary_base == llama.reference_rotary_base
+
+
+def test_rope_scaling_needs_its_anchor_and_a_frequency_band() -> None:
+    refused(make(**{"model.rope_scaling": "yarn"}), 1, False,
+            "model.rope_original_max_position_embeddings")  # fmt: skip
+    refused(make(**{"model.reference_rope_scaling": "linear"}), 1, False,
+            "model.reference_rope_scaling='linear'")  # fmt: skip
+    llama3 = {"model.rope_scaling": "llama3", "model.rope_original_max_position_embeddings": 64}
+    refused(make(**llama3, **{"model.rope_low_freq_factor": 4.0}), 1, False,
+            "model.rope_high_freq_factor=4.0 must be > model.rope_low_freq_factor=4.0")  # fmt: skip
+    validate_config(make(**llama3), world_size=1, cuda_available=False)
+
+
+def test_reference_keeps_its_own_theta_and_scaling() -> None:
+    from longpo_megatron.model.gpt import reference_model_config
+
+    m = compose_config(["experiment=qwen_256k", *PLACEHOLDERS]).model
+    ref = reference_model_config(m)
+    assert (ref.rotary_base, ref.rope_scaling) == (1e6, "none")
+    m128 = compose_config(["experiment=mistral_128k", *PLACEHOLDERS]).model
+    assert reference_model_config(m128).rotary_base == 1e6 and m128.rotary_base == 1e7

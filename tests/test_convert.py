@@ -180,10 +180,13 @@ def test_unsupported_configs_are_named():
     llama = hf_config("llama").to_dict()
     with pytest.raises(ConversionError, match="attention_bias"):
         model_config_from_hf({**llama, "attention_bias": True})
-    scaled = {**llama, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
-    with pytest.raises(ConversionError, match="rope_scaling.*--allow-unmodelled"):
-        model_config_from_hf(scaled)
-    assert model_config_from_hf(scaled, allow_unmodelled=True).family == "llama"
+    scaled = {**llama, "rope_scaling": {"rope_type": "dynamic", "factor": 8.0}}
+    with pytest.raises(ConversionError, match="rope_type='dynamic' is not modelled"):
+        model_config_from_hf(scaled, allow_unmodelled=True)  # never converted as plain RoPE
+    windowed = {**hf_config("mistral").to_dict(), "sliding_window": 64}
+    with pytest.raises(ConversionError, match="sliding_window.*--allow-unmodelled"):
+        model_config_from_hf(windowed)
+    assert model_config_from_hf(windowed, allow_unmodelled=True).family == "mistral"
 
 
 # --------------------------------------------------------------------------------------------

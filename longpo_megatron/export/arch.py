@@ -1,7 +1,8 @@
 """Architectures: HF ``config.json`` ⇄ :class:`ModelConfig`, and the shapes the mapping needs.
 
 Supported: ``LlamaForCausalLM`` (llama), ``MistralForCausalLM`` (mistral), ``Qwen2ForCausalLM``
-(qwen2) -- RMSNorm, SwiGLU, GQA, plain RoPE; QKV bias only for Qwen2.
+(qwen2) -- RMSNorm, SwiGLU, GQA; RoPE plain, ``llama3`` or ``yarn`` (read from either HF config
+layout, :mod:`longpo_megatron.export.hf_rope`); QKV bias only for Qwen2.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from longpo_megatron.config import ModelConfig
-from longpo_megatron.errors import UserError
+from longpo_megatron.export.hf_rope import ConversionError, hf_number, rope_from_hf, rope_to_hf
+
+__all__ = ["ARCHITECTURES", "ArchSpec", "ConversionError", "family_of", "model_config_from_hf"]
 
 # family -> (HF architecture class name, HF model_type)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -21,10 +24,6 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 }
 _FAMILY_OF_ARCH = {arch: fam for fam, (arch, _) in ARCHITECTURES.items()}
 _FAMILY_OF_TYPE = {mtype: fam for fam, (_, mtype) in ARCHITECTURES.items()}
-
-
-class ConversionError(UserError, ValueError):
-    """Input that cannot be converted (unsupported architecture, bad shapes, missing files)."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +93,6 @@ def _unmodelled(cfg: dict[str, Any], family: str) -> list[str]:
     out = []
     if cfg.get("hidden_act", "silu") != "silu":
         out.append(f"hidden_act={cfg['hidden_act']!r} (only silu/SwiGLU)")
-    if cfg.get("rope_scaling"):
-        out.append(f"rope_scaling={cfg['rope_scaling']!r} (plain RoPE only)")
     if family == "mistral" and cfg.get("sliding_window") is not None:
         out.append(f"sliding_window={cfg['sliding_window']} (full causal attention only)")
     if family == "qwen2" and cfg.get("use_sliding_window"):
@@ -124,9 +121,10 @@ def model_config_from_hf(
 ) -> ModelConfig:
     """A :class:`ModelConfig` for an HF Llama / Mistral / Qwen2 ``config.json`` dict.
 
-    ``reference_rotary_base`` is the HF ``rope_theta``; the policy ``rotary_base`` defaults to
-    it and may be raised (LongPO: 1e7). ``pad_vocab_multiple`` rounds megatron's vocabulary up
-    (e.g. to a multiple of TP); the extra rows are zero-filled by the converter.
+    ``reference_rotary_base`` is the HF θ (top-level ``rope_theta`` or, transformers >= 5,
+    ``rope_parameters.rope_theta``); llama3 / yarn scaling is carried over; the policy
+    ``rotary_base`` defaults to it and may be raised (LongPO: 1e7). ``pad_vocab_multiple``
+    rounds megatron's vocabulary up (e.g. to a multiple of TP); the extra rows are zero-filled.
     """
     family = family_of(hf_config, source)
     bad = _unsupported(hf_config, family)
@@ -138,32 +136,33 @@ def model_config_from_hf(
             f"{source}: {family} feature(s) not modelled by this project: {'; '.join(inexact)}. "
             "Pass --allow-unmodelled to convert anyway (outputs will differ from HF)."
         )
-    required = ("num_attention_heads", "hidden_size", "vocab_size", "num_hidden_layers")
-    absent = [k for k in (*required, "intermediate_size") if k not in hf_config]
-    if absent:
-        raise ConversionError(f"{source}: missing key(s) {absent}")
-    heads = int(hf_config["num_attention_heads"])
-    hidden = int(hf_config["hidden_size"])
-    head_dim = hf_config.get("head_dim") or hidden // heads
+
+    def num(key: str, kind: type = int, default: Any = None) -> Any:
+        return hf_number(hf_config, key, kind, source, default)
+
+    heads = num("num_attention_heads")
+    hidden = num("hidden_size")
+    head_dim = num("head_dim", default=hidden // heads)
     multiple = max(1, int(pad_vocab_multiple))
-    vocab = -(-int(hf_config["vocab_size"]) // multiple) * multiple
-    theta = float(hf_config.get("rope_theta", 10000.0))
+    vocab = -(-num("vocab_size") // multiple) * multiple
+    theta, rope_fields = rope_from_hf(hf_config, source)
     return ModelConfig(
         name=name or str(hf_config.get("_name_or_path") or family),
         family=family,
-        num_layers=int(hf_config["num_hidden_layers"]),
+        num_layers=num("num_hidden_layers"),
         hidden_size=hidden,
-        ffn_hidden_size=int(hf_config["intermediate_size"]),
+        ffn_hidden_size=num("intermediate_size"),
         num_attention_heads=heads,
-        num_query_groups=int(hf_config.get("num_key_value_heads") or heads),
-        kv_channels=None if head_dim * heads == hidden else int(head_dim),
+        num_query_groups=num("num_key_value_heads", default=heads),
+        kv_channels=None if head_dim * heads == hidden else head_dim,
         vocab_size=vocab,
-        max_position_embeddings=int(hf_config.get("max_position_embeddings", 4096)),
+        max_position_embeddings=num("max_position_embeddings", default=4096),
         rotary_base=float(rotary_base if rotary_base is not None else theta),
         reference_rotary_base=theta,
-        norm_epsilon=float(hf_config.get("rms_norm_eps", 1e-6)),
+        norm_epsilon=num("rms_norm_eps", float, default=1e-6),
         add_qkv_bias=family == "qwen2",
         tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        **rope_fields,
     )
 
 
@@ -174,7 +173,8 @@ def hf_config_from_model(
     torch_dtype: str = "bfloat16",
     template: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    """An HF ``config.json`` dict for ``m`` (``rope_theta`` = the POLICY θ, ``m.rotary_base``).
+    """An HF ``config.json`` dict for ``m`` (θ = the POLICY θ, ``m.rotary_base``; RoPE keys in
+    both transformers layouts, :func:`~longpo_megatron.export.hf_rope.rope_to_hf`).
 
     ``template`` (e.g. the original model's config.json) supplies everything this project does not
     model (token ids, chat defaults); architecture fields always come from ``m``.
@@ -190,7 +190,7 @@ def hf_config_from_model(
     out: dict[str, Any] = dict(template or {})
     if template and family_of(template, "template config.json") != m.family:
         out = {k: v for k, v in out.items() if k in ("bos_token_id", "eos_token_id")}
-    for stale in ("_name_or_path", "transformers_version", "rope_scaling", "layer_types"):
+    for stale in ("_name_or_path", "transformers_version", "layer_types"):
         out.pop(stale, None)
     head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
     out.update(
@@ -206,8 +206,7 @@ def hf_config_from_model(
         hidden_act="silu",
         max_position_embeddings=m.max_position_embeddings,
         rms_norm_eps=m.norm_epsilon,
-        rope_theta=m.rotary_base,
-        rope_scaling=None,
+        **rope_to_hf(m),
         tie_word_embeddings=m.tie_word_embeddings,
         torch_dtype=torch_dtype,
     )

@@ -90,7 +90,8 @@ def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument(
         "--allow-unmodelled",
         action="store_true",
-        help="convert despite rope_scaling / sliding window (outputs will differ)",
+        help="convert despite a sliding window (outputs will differ); RoPE variants other than "
+        "plain, llama3 and yarn are always refused",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)

@@ -7,6 +7,7 @@ chunks (no ``[sequence x vocab]`` tensor is ever made).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,7 +44,13 @@ class ModelLayout:
 class LongPOGPTModel(GPTModel):
     """``GPTModel`` whose last stage yields hidden states; RoPE that stays on the model's device."""
 
-    def __init__(self, *args, rotary_base: float = 10000.0, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        rotary_base: float = 10000.0,
+        rope_scaling: Optional[ModelConfig] = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, rotary_base=rotary_base, **kwargs)
         if self.position_embedding_type == "rope":
             old = self.rotary_pos_emb
@@ -53,6 +60,7 @@ class LongPOGPTModel(GPTModel):
                 rotary_interleaved=self.config.rotary_interleaved,
                 seq_len_interpolation_factor=old.seq_len_interpolation_factor,
                 rotary_base=rotary_base,
+                scaling=rope_scaling,
                 use_cpu_initialization=True,
                 cp_group=self.pg_collection.cp,
             )
@@ -69,6 +77,29 @@ class LongPOGPTModel(GPTModel):
         if self.share_embeddings_and_output_weights:
             return self.shared_embedding_or_output_weight()
         return self.output_layer.weight
+
+
+@dataclass
+class LongPOTransformerConfig(TransformerConfig):
+    """megatron's ``TransformerConfig`` plus the YaRN attention-factor fields its attention reads
+    (``_yarn_get_concentration_factor_from_config``); the defaults leave cos/sin unscaled."""
+
+    yarn_rotary_scaling_factor: float = 1.0
+    """YaRN context extension factor (1 = plain RoPE: cos/sin unscaled)."""
+    yarn_mscale: float = 1.0
+    """Numerator coefficient of YaRN's cos/sin factor."""
+    yarn_mscale_all_dim: float = 0.0
+    """Denominator coefficient of YaRN's cos/sin factor."""
+
+
+def _yarn_fields(m: ModelConfig) -> dict:
+    if m.rope_scaling != "yarn":
+        return {}
+    return dict(
+        yarn_rotary_scaling_factor=m.rope_scaling_factor,
+        yarn_mscale=m.yarn_mscale,
+        yarn_mscale_all_dim=m.yarn_mscale_all_dim,
+    )
 
 
 def transformer_config(
@@ -89,7 +120,7 @@ def transformer_config(
         )
     elif by_megatron and m.recompute == "selective":
         recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
-    return TransformerConfig(
+    return LongPOTransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -124,6 +155,18 @@ def transformer_config(
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
         **recompute,
+        **_yarn_fields(m),
+    )
+
+
+def reference_model_config(m: ModelConfig) -> ModelConfig:
+    """The frozen reference's architecture: the policy's, at the reference RoPE θ and scaling."""
+    return dataclasses.replace(
+        m,
+        rotary_base=m.reference_rotary_base or m.rotary_base,
+        rope_scaling=m.reference_rope_scaling or m.rope_scaling,
+        reference_rotary_base=None,
+        reference_rope_scaling=None,
     )
 
 
@@ -153,6 +196,7 @@ def build_model(
         share_embeddings_and_output_weights=m.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=rotary_base if rotary_base is not None else m.rotary_base,
+        rope_scaling=m,
         pg_collection=groups.pg_collection,
     )
     model.takes_mask_spec = layout.attention_backend == "local"

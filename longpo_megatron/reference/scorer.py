@@ -21,7 +21,7 @@ from longpo_megatron.data.collate import collate_short
 from longpo_megatron.data.dataset import PreferenceDataset
 from longpo_megatron.distributed import ParallelGroups, without_context_parallel
 from longpo_megatron.loss.layer import LossGroups
-from longpo_megatron.model.gpt import ModelLayout, build_model
+from longpo_megatron.model.gpt import ModelLayout, build_model, reference_model_config
 from longpo_megatron.reference.sequences import RefItem, reference_items, view_of
 from longpo_megatron.schedule.cpu_pipeline import CpuPipelineSchedule
 from longpo_megatron.schedule.forward_step import make_scoring_forward_step
@@ -43,8 +43,8 @@ class ReferenceScorer:
         self.groups = without_context_parallel(groups)
         self.cp_rank, self.cp_size = groups.cp_rank, groups.cp_size
         ref_layout = dataclasses.replace(layout, cp=1)
-        base = cfg.model.reference_rotary_base or cfg.model.rotary_base
-        self.model = build_model(cfg.model, ref_layout, self.groups, rotary_base=base)
+        ref_model = reference_model_config(cfg.model)  # original RoPE θ and scaling
+        self.model = build_model(ref_model, ref_layout, self.groups)
         if state_dict is not None:
             self.model.load_state_dict(state_dict)
         self.model.requires_grad_(False)
