@@ -12,7 +12,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-from longpo_megatron.checkpoint import paths, state, storage
+from longpo_megatron.checkpoint import integrity, paths, state, storage
 from longpo_megatron.checkpoint.paths import CheckpointError
 
 FORMAT_VERSION = 1
@@ -105,11 +105,13 @@ def save(
     keep_last: int = 2,
     extra: Optional[dict[str, Any]] = None,
     thread_count: int = 1,
+    checksums: bool = True,
 ) -> Path:
     """Save ``<root>/iter_<step>`` atomically, update ``latest``, keep the last ``keep_last``.
 
     Collective: every rank calls it. ``extra`` (plain types / tensors) is added to the common
-    state, e.g. converter metadata. Returns the published iteration directory.
+    state, e.g. converter metadata. ``checksums`` writes the per-file checksum manifest
+    (:mod:`.integrity`). Returns the published iteration directory.
     """
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind {kind!r}: must be one of {list(KINDS)}")
@@ -134,6 +136,8 @@ def save(
     to_save = _save_state(kind, model, groups, optimizer, common)
     strategy = storage.CpuTorchDistSaveStrategy(thread_count)
     dist_checkpointing.save(to_save, str(tmp), sharded_strategy=strategy)  # ends in a barrier
+    if checksums:
+        integrity.write_manifest(tmp, use_dist=True)  # collective; before publication
     if rank0:
         paths.publish(root, tmp, final)
         paths.prune(root, keep_last)
@@ -209,15 +213,18 @@ def load(
     *,
     optimizer: Any = None,
     restore_rng: bool = True,
+    verify: bool = True,
 ) -> LoadedCheckpoint:
     """Load a checkpoint (root, ``latest`` file or iter dir) into ``model`` (+ ``optimizer``).
 
     Collective. Any TP/PP layout loads any other (megatron reshards). A ``weights`` checkpoint
     restores weights only (fresh optimizer, step 0); a ``training`` one also the optimizer and,
     under the saved layout, each rank's RNG states. Nothing is unpickled beyond tensors, plain
-    containers and checkpoint-metadata classes.
+    containers and checkpoint-metadata classes. ``verify`` checks the per-file checksums
+    first (a checkpoint saved without them loads with a warning).
     """
     ckpt = paths.resolve(path)
+    integrity.check(ckpt, verify, use_dist=True)  # collective; before any file is read
     common = _read_checked_common(ckpt)
     kind = common["kind"]
     stored = storage.tensor_shapes(ckpt)
