@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from longpo_megatron import checkpoint, distributed
 from longpo_megatron.config import Config
-from longpo_megatron.config_validation import ResolvedLayout
+from longpo_megatron.config_validation import ResolvedLayout, check_dataset_size
 from longpo_megatron.context_parallel import split_batch
 from longpo_megatron.data.collate import collate_pairs, place_chosen_token_values
 from longpo_megatron.data.dataset import load_dataset
@@ -25,6 +25,7 @@ from longpo_megatron.data.tokenizer import build_tokenizer
 from longpo_megatron.loss.layer import LongPOLossLayer, LossGroups
 from longpo_megatron.metrics import MetricsLogger, reduce_step_metrics
 from longpo_megatron.model.gpt import ModelLayout, build_model
+from longpo_megatron.numerics import NonFiniteGuard, refuse_nonfinite_save
 from longpo_megatron.optim import lr_at
 from longpo_megatron.preemption import PreemptionHandler
 from longpo_megatron.reference import build_scorer, score_reference
@@ -69,6 +70,7 @@ class Trainer:
         self.preempted = False
         """True when :meth:`run` stopped early on SIGTERM / SIGUSR1."""
         self._saved_step: Optional[int] = None
+        self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
 
     def setup(self) -> Trainer:
         """Start distributed, load data, build the model, score the reference, build the engine."""
@@ -84,6 +86,7 @@ class Trainer:
                 f"{cfg.model.vocab_size}: the tokenizer does not match the model"
             )
         self.dataset, self.report = load_dataset(cfg.data, self.tokenizer)
+        check_dataset_size(len(self.dataset), cfg)
         self.mlayout = model_layout(layout, cfg.parallel.cp_comm_type)
         self.model = build_model(cfg.model, self.mlayout, g)
         self.device = next(self.model.parameters()).device
@@ -117,7 +120,11 @@ class Trainer:
         cfg, g = self.cfg, self.groups
         if cfg.checkpoint.load:
             loaded = checkpoint.load(
-                cfg.checkpoint.load, self.model, g, optimizer=self.engine.optimizer
+                cfg.checkpoint.load,
+                self.model,
+                g,
+                optimizer=self.engine.optimizer,
+                verify=cfg.checkpoint.checksums,
             )
             self._apply_checkpoint(loaded)
         self.online_reference = None
@@ -179,6 +186,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.save:
             raise ValueError("checkpoint.save is not set")
+        refuse_nonfinite_save(self.model.parameters(), self.state.step)
         t0 = time.perf_counter()
         path = checkpoint.save(
             ck.save,
@@ -190,6 +198,7 @@ class Trainer:
             reference_table=self.dataset.ref_state(),
             config=self.run_cfg,
             keep_last=ck.keep_last,
+            checksums=ck.checksums,
         )
         self._saved_step = self.state.step
         if self.groups.is_logging_rank:
@@ -245,6 +254,7 @@ class Trainer:
         t0 = time.perf_counter()
         result = self.engine.train_step(self.forward_step, batches, lr)
         elapsed = time.perf_counter() - t0
+        self.nonfinite.update(self.state.step + 1, result.skipped, result.grad_norm)
         self.state.step += 1
         self.state.consumed_pairs += len(indices)
         self.state.sampler = self.sampler.state_dict()
