@@ -13,8 +13,11 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from longpo_megatron.checkpoint.paths import check_save_root
 from longpo_megatron.config import register_configs, to_config
 from longpo_megatron.config_validation import validate_config
+from longpo_megatron.errors import report_user_errors
+from longpo_megatron.process import die_with_parent
 from longpo_megatron.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -22,10 +25,13 @@ os.environ.setdefault("LONGPO_ROOT", str(REPO_ROOT))
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="config")
+@report_user_errors
 def _hydra_main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_config(cfg, world_size=world, cuda_available=torch.cuda.is_available())
+    if cfg.checkpoint.save:
+        check_save_root(cfg.checkpoint.save)
     trainer = Trainer(cfg, layout)
     try:
         trainer.setup().run()
@@ -35,6 +41,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point."""
+    die_with_parent()  # a rank never outlives its launcher
     register_configs()
     _hydra_main()
 

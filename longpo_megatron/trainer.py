@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from longpo_megatron import checkpoint, distributed
 from longpo_megatron.config import Config
-from longpo_megatron.config_validation import ResolvedLayout, check_dataset_size
+from longpo_megatron.config_validation import ConfigError, ResolvedLayout, check_dataset_size
 from longpo_megatron.context_parallel import split_batch
 from longpo_megatron.data.collate import collate_pairs, place_chosen_token_values
 from longpo_megatron.data.dataset import load_dataset
@@ -81,7 +81,7 @@ class Trainer:
         distributed.seed_all(cfg.train.seed, g, cuda=layout.engine == "gpu")
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
                 f"{cfg.model.vocab_size}: the tokenizer does not match the model"
             )
@@ -145,7 +145,7 @@ class Trainer:
         resumed policy's)."""
         cfg, resumed = self.cfg, self.state.step > 0
         if resumed and not cfg.reference.load:
-            raise ValueError(
+            raise ConfigError(
                 "reference.mode=online resumed at step "
                 f"{self.state.step} needs reference.load (the initial weights): the policy's "
                 "weights are no longer the initial ones"

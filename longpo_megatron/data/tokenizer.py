@@ -178,7 +178,9 @@ def build_tokenizer(name_or_path: str) -> ChatTokenizer:
         return ByteChatTokenizer()
     path = Path(name_or_path)
     if not path.exists():
-        raise FileNotFoundError(
+        from longpo_megatron.data.records import DataFileNotFound
+
+        raise DataFileNotFound(
             f"tokenizer {name_or_path!r} is neither 'byte' nor an existing local tokenizer "
             "directory (downloads are not attempted)"
         )
