@@ -59,3 +59,20 @@ def die_with_parent(force: bool = False, period_s: float = WATCH_PERIOD_S) -> st
         target=_watch_parent, args=(parent, period_s), name="parent-watchdog", daemon=True
     ).start()
     return "watchdog"
+
+
+FALLBACK_WARNINGS = (
+    r"(Transformer Engine and Apex are|Apex is) not installed",
+    r"full scope is deprecated",
+)
+"""megatron-core's notes on CPU machines (it falls back to torch kernels) and its deprecation
+note on a default it sets itself: nothing a user can act on."""
+
+
+def silence_fallback_warnings() -> None:
+    """Hide megatron's "not installed, falling back" notes so that a user error is the first
+    line an entry point prints (call before megatron is imported)."""
+    import warnings
+
+    for message in FALLBACK_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)

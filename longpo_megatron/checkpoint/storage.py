@@ -144,7 +144,7 @@ def read_common(ckpt_dir: Union[str, Path]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: refused by weights_only loading: {e}") from None
     except Exception as e:  # noqa: BLE001  (truncated / corrupt zip: name the file)
         raise CheckpointError(
-            f"{path}: unreadable (truncated or corrupt file: {type(e).__name__}: {e})"
+            f"{path}: unreadable (truncated or corrupt file; {type(e).__name__})"
         ) from None
     if not isinstance(common, dict):
         raise CheckpointError(f"{path}: common state is {type(common).__name__}, not a dict")

@@ -16,6 +16,7 @@ from typing import Optional
 from longpo_megatron.config import ModelConfig
 from longpo_megatron.errors import report_user_errors
 from longpo_megatron.export.arch import ConversionError, model_config_from_dict
+from longpo_megatron.process import silence_fallback_warnings
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
 _UNITS["GIB"] = 2**30
@@ -61,6 +62,7 @@ class _Parser(argparse.ArgumentParser):
 @report_user_errors
 def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
     """HF directory -> megatron ``kind="weights"`` checkpoint root (0; a user error exits 2)."""
+    silence_fallback_warnings()
     from longpo_megatron.export.convert import convert_hf_to_megatron
 
     p = _Parser(
@@ -110,6 +112,7 @@ def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
 @report_user_errors
 def megatron_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
     """Megatron checkpoint (root, ``latest`` or iter dir) -> HF directory (0; errors exit 2)."""
+    silence_fallback_warnings()
     from longpo_megatron.export.convert import convert_megatron_to_hf
 
     p = _Parser(

@@ -17,13 +17,6 @@ def check_output_dir(out_dir: str | Path, *inputs: str | Path) -> Path:
             f"output directory {str(out)!r} is a symlink (to {os.readlink(out)!r}); refusing to "
             "write through it: name a new directory"
         )
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"output directory {str(out)!r} is an existing file")
-    if out.is_dir() and any(out.iterdir()):
-        raise ConversionError(
-            f"output directory {str(out)!r} exists and is not empty; converters only write a "
-            "new or empty directory"
-        )
     target = out.resolve()
     for src in inputs:
         source = Path(src).resolve()
@@ -32,4 +25,11 @@ def check_output_dir(out_dir: str | Path, *inputs: str | Path) -> Path:
                 f"output directory {str(out)!r} is or overlaps the input {str(src)!r}; write "
                 "the conversion to a separate new directory"
             )
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"output directory {str(out)!r} is an existing file")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConversionError(
+            f"output directory {str(out)!r} exists and is not empty; converters only write a "
+            "new or empty directory"
+        )
     return out
