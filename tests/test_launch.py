@@ -144,3 +144,29 @@ def test_watchdog_kills_the_orphan_where_prctl_is_unavailable():
     if _alive(pid):
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("the watchdog did not kill the orphan")
+
+
+@pytest.mark.slow
+def test_train_user_error_under_the_launcher_is_one_line(tmp_path):
+    """The real trainer on 2 ranks: a bad record is one line, exit 2, no torchrun report."""
+    import json
+
+    line = (ROOT / "data" / "toy" / "preference.jsonl").read_text().splitlines()[0]
+    rec = json.loads(line)
+    rec["turns"][0]["chosen"] = "The \ud800 answer"
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(rec) + "\n")
+    cmd = [
+        sys.executable, "-m", "longpo_megatron.launch", "--nproc-per-node", "2",
+        "--master-port", "0", "-m", "longpo_megatron.train", "parallel=dp2",
+        f"data.path={data}", f"logging.output_dir={tmp_path}/run", "logging.tensorboard=false",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines[0] == (
+        f"error: {data}, line 1, record 'toy-0001': field 'turns[0].chosen': not encodable as "
+        "UTF-8 (lone surrogate at 4) [invalid_utf8]"
+    ), res.stderr[-3000:]
+    assert sum(ln.startswith("error:") for ln in lines) == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr

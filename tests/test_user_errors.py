@@ -112,9 +112,10 @@ def _cases(b: Path) -> list[dict]:
                            f"{os.path.getsize(f'{ck}/{SHARD}')} were saved (truncated or "
                            "overwritten file)"),
         dict(name="truncated_shard_unchecked", slow=True, entry="train",
-             argv=_train(b, f"checkpoint.load={b}/ck_cut", "checkpoint.checksums=false"),
-             watch=[f"{b}/ck_cut"],
-             first=lambda: f"error: {b}/ck_cut/{SHARD}: truncated (1000 bytes, the checkpoint "
+             argv=_train(b, f"checkpoint.load={b}/ck_cut2", "checkpoint.checksums=false"),
+             prepare=[["copytree", ck, f"{b}/ck_cut2"], ["truncate", f"{b}/ck_cut2/{SHARD}", 1000]],
+             watch=[f"{b}/ck_cut2"],
+             first=lambda: f"error: {b}/ck_cut2/{SHARD}: truncated (1000 bytes, the checkpoint "
                            f"metadata needs {_needed(f'{ck}/{it}')})"),
         dict(name="truncated_common_unchecked", slow=True, entry="train",
              argv=_train(b, f"checkpoint.load={b}/ck_com", "checkpoint.checksums=false"),
