@@ -20,6 +20,7 @@ Anything else (a crashed rank, a signal death) is reported exactly as torchrun r
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -35,12 +36,37 @@ FORWARDED = ("SIGTERM",)
 """Signals the launcher forwards to its workers instead of shutting them down itself."""
 
 
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGKILL)
+"""How the agent stops the other workers once one has exited (their exit codes are -signal)."""
+
+
 def quiet_exit_code(failures: dict) -> Optional[int]:
-    """The code to exit with quietly when every failed worker exited with a quiet code."""
-    codes = {f.exitcode for f in failures.values()}
-    if not codes or not codes <= set(QUIET_EXIT_CODES):
+    """The code to exit with quietly, or None for a real failure (torchrun's report).
+
+    Quiet when the first worker to fail exited with a quiet code and every other failed worker
+    either did too or was stopped by the agent's shutdown (SIGTERM / SIGKILL).
+    """
+    if not failures:
         return None
+    first = min(failures.values(), key=lambda f: f.timestamp)
+    stopped = {-int(s) for s in SHUTDOWN_SIGNALS}
+    if first.exitcode not in QUIET_EXIT_CODES:
+        return None
+    if any(f.exitcode not in QUIET_EXIT_CODES + tuple(stopped) for f in failures.values()):
+        return None
+    codes = {f.exitcode for f in failures.values()}
     return USER_ERROR_EXIT_CODE if USER_ERROR_EXIT_CODE in codes else REQUEUE_EXIT_CODE
+
+
+class _QuietFailureLog(logging.Filter):
+    """Drops torch elastic's "failed (exitcode: 2|3)" line (the worker already said why) and its
+    "Sending process N closing signal" lines (a real failure's report lists those exits)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+        text = record.getMessage()
+        if text.startswith("Sending process ") and " closing signal " in text:
+            return False
+        return not any(text.startswith(f"failed (exitcode: {c})") for c in QUIET_EXIT_CODES)
 
 
 def _forward(signum: int, frame: Optional[FrameType]) -> None:
@@ -66,6 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     args = torchrun.parse_args(list(sys.argv[1:] if argv is None else argv))
     args.signals_to_handle = _without_forwarded(args.signals_to_handle)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietFailureLog())
     for name in FORWARDED:
         signal.signal(getattr(signal, name), _forward)
 

@@ -31,7 +31,7 @@ def _env() -> dict[str, str]:
 def _cmd(mode: str, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "longpo_megatron.launch", "--nproc-per-node", "2",
-        "--master-port", "0", str(WORKER), mode, str(out),
+        str(WORKER), mode, str(out),
     ]  # fmt: skip
 
 
@@ -57,16 +57,15 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert lines[0] == "error: data.path='/x/pairs.jsonl', line 3: a user mistake", res.stderr
-    assert sum(ln.startswith("error:") for ln in lines) == 1, res.stderr  # once, not per rank
-    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr
-    assert "OMP_NUM_THREADS" not in res.stderr + res.stdout
+    assert lines == [lines[0]], res.stderr  # once, not per rank, and nothing else
+    assert "OMP_NUM_THREADS" not in res.stdout
 
 
 @pytest.mark.slow
 def test_requeue_code_passes_through_quietly(tmp_path):
     res = _launch("requeue", tmp_path)
     assert res.returncode == 3, res.stderr
-    assert "Traceback" not in res.stderr and "FAILED" not in res.stderr, res.stderr
+    assert res.stderr == "", res.stderr
 
 
 @pytest.mark.slow
@@ -158,7 +157,7 @@ def test_train_user_error_under_the_launcher_is_one_line(tmp_path):
     data.write_text(json.dumps(rec) + "\n")
     cmd = [
         sys.executable, "-m", "longpo_megatron.launch", "--nproc-per-node", "2",
-        "--master-port", "0", "-m", "longpo_megatron.train", "parallel=dp2",
+        "-m", "longpo_megatron.train", "parallel=dp2",
         f"data.path={data}", f"logging.output_dir={tmp_path}/run", "logging.tensorboard=false",
     ]  # fmt: skip
     res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
