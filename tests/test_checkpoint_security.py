@@ -166,3 +166,58 @@ def test_metadata_cannot_point_outside_the_checkpoint(tmp_path):
     (ckpt / ".metadata").write_bytes(pickle.dumps(md, 4))
     with pytest.raises(CheckpointError, match="bad data file name '../../etc/passwd'"):
         storage.tensor_shapes(ckpt)
+
+
+# ---- integrity: checksum manifest, save-root probe, unreadable `latest` -----------------------
+
+
+def test_checksum_manifest_names_the_changed_file(tmp_path, capsys):
+    from longpo_megatron.checkpoint import integrity
+
+    ckpt = tmp_path / "iter_0000001"
+    ckpt.mkdir()
+    (ckpt / "a.distcp").write_bytes(b"a" * 5000)
+    (ckpt / "common.pt").write_bytes(b"c" * 10)
+    assert integrity.verify(ckpt, use_dist=False) is False  # no manifest yet
+    integrity.check(ckpt, True, use_dist=False)
+    assert "has no checksums.json: loading it unverified" in capsys.readouterr().out
+    integrity.write_manifest(ckpt, use_dist=False)
+    assert integrity.verify(ckpt, use_dist=False) is True
+    with open(ckpt / "a.distcp", "r+b") as f:  # same size, one byte flipped
+        f.seek(4000)
+        f.write(b"b")
+    with pytest.raises(CheckpointError, match=r"a\.distcp: checksum mismatch"):
+        integrity.verify(ckpt, use_dist=False)
+    integrity.check(ckpt, False, use_dist=False)  # checkpoint.checksums=false: not read
+    (ckpt / "a.distcp").write_bytes(b"a" * 5000)
+    integrity.verify(ckpt, use_dist=False)
+    (ckpt / "common.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"common\.pt: listed in checksums\.json but missing"):
+        integrity.verify(ckpt, use_dist=False)
+
+
+def test_save_root_is_probed_before_training(tmp_path):
+    from longpo_megatron.checkpoint.paths import check_save_root
+
+    check_save_root(tmp_path / "new" / "ckpts")  # creatable: fine, and nothing is created
+    assert not (tmp_path / "new").exists()
+    check_save_root(tmp_path)  # existing and writable: the probe file is gone afterwards
+    assert list(tmp_path.iterdir()) == [tmp_path / "new"] or list(tmp_path.iterdir()) == []
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match=r"checkpoint.save='.*/f': is a file"):
+        check_save_root(tmp_path / "f")
+    with pytest.raises(CheckpointError, match=r"cannot be created \(.*/f is not a directory\)"):
+        check_save_root(tmp_path / "f" / "ckpts")
+    if os.geteuid() != 0:  # root writes through permissions
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(CheckpointError, match="not writable"):
+            check_save_root(ro)
+
+
+def test_binary_latest_is_named(tmp_path):
+    from longpo_megatron.checkpoint import paths
+
+    (tmp_path / "latest").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(CheckpointError, match=r"latest: holds binary data"):
+        paths.resolve(tmp_path)
