@@ -221,3 +221,14 @@ def test_binary_latest_is_named(tmp_path):
     (tmp_path / "latest").write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(CheckpointError, match=r"latest: holds binary data"):
         paths.resolve(tmp_path)
+
+
+def test_full_disk_during_save_is_named(tmp_path, single_rank_group):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    ckpt = tmp_path / "iter_0000001.tmp"
+    ckpt.mkdir()
+    os.symlink("/dev/full", ckpt / "__0_0.distcp")  # every write: ENOSPC
+    sd = {"w": ShardedTensor.from_rank_offsets("w", torch.ones(1024))}
+    with pytest.raises(CheckpointError, match=r"saving failed: rank 0: No space left on device"):
+        storage.CpuTorchDistSaveStrategy().save(sd, ckpt)

@@ -31,6 +31,7 @@ from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
@@ -257,6 +258,16 @@ class SafeTorchDistLoadStrategy(mcore_torch.TorchDistLoadShardedStrategy):
         return self.load_tensors_metadata(checkpoint_dir)
 
 
+def _first_failure(err: CheckpointException) -> str:
+    """The lowest rank's failure of a collective DCP call, as one phrase (full disk, EROFS...)."""
+    rank = min(err.failures)
+    exc = err.failures[rank][0] if isinstance(err.failures[rank], tuple) else err.failures[rank]
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"rank {rank}: {exc.strerror}{where}"
+    return f"rank {rank}: {type(exc).__name__}: {exc}"
+
+
 class CpuTorchDistSaveStrategy(SaveShardedStrategy):
     """Synchronous torch_dist writer: megatron's key translation + stock DCP save, no CUDA.
 
@@ -271,13 +282,16 @@ class CpuTorchDistSaveStrategy(SaveShardedStrategy):
         """Write this rank's main-replica shards; rank 0 writes the global ``.metadata``."""
         sd, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
         pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sd, False)
-        dcp.save(
-            pyt_state_dict,
-            storage_writer=FileSystemWriter(
-                str(checkpoint_dir), thread_count=self.thread_count, sync_files=True
-            ),
-            planner=mcore_torch.MCoreSavePlanner(flatten_state_dict=False),
-        )
+        try:
+            dcp.save(
+                pyt_state_dict,
+                storage_writer=FileSystemWriter(
+                    str(checkpoint_dir), thread_count=self.thread_count, sync_files=True
+                ),
+                planner=mcore_torch.MCoreSavePlanner(flatten_state_dict=False),
+            )
+        except CheckpointException as e:  # collective: every rank raises the same error
+            raise CheckpointError(f"{checkpoint_dir}: saving failed: {_first_failure(e)}") from None
 
     @property
     def can_handle_sharded_objects(self) -> bool:  # noqa: D102
