@@ -120,12 +120,9 @@ class Trainer:
         cfg, g = self.cfg, self.groups
         if cfg.checkpoint.load:
             loaded = checkpoint.load(
-                cfg.checkpoint.load,
-                self.model,
-                g,
-                optimizer=self.engine.optimizer,
+                cfg.checkpoint.load, self.model, g, optimizer=self.engine.optimizer,
                 verify=cfg.checkpoint.checksums,
-            )
+            )  # fmt: skip
             self._apply_checkpoint(loaded)
         self.online_reference = None
         if cfg.reference.mode == "online":
