@@ -226,6 +226,9 @@ class TrainConfig:
     eval_interval: int = 0
     """Every N steps run the needle probe (longpo_megatron/eval/probe.py) on the policy at
     data.max_seq_length and log its accuracy (probe/* metrics); 0 = off."""
+    max_nonfinite_steps: int = 10
+    """Stop the run (exit 2, nothing saved) after this many CONSECUTIVE steps whose gradients
+    were non-finite (NaN/inf: the update is skipped). Diverged runs never save NaN weights."""
 
 
 @dataclass
@@ -249,6 +252,9 @@ class CheckpointConfig:
     """Write checkpoints in the background (GPU: megatron's async torch_dist with the
     fully-parallel wrapper; CPU: a writer thread); training blocks only to copy the state.
     `latest` moves when every rank finished writing."""
+    checksums: bool = True
+    """Write a per-file checksum manifest (checksums.json) with every save and verify it
+    before every load; a changed, torn or truncated file is refused by name."""
 
 
 @dataclass
@@ -332,13 +338,38 @@ def to_typed(cfg: Any, schema: type, where: str) -> Any:
     """A composed DictConfig as an instance of the dataclass ``schema``; keys the schema does
     not declare are an error naming them and ``where`` the schema lives."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from longpo_megatron.config_validation import ConfigError
 
     extra = [k for k in unknown_keys(cfg, schema) if k != "hydra" and not k.startswith("hydra.")]
     if extra:
-        raise ValueError(f"unknown config key(s) {extra}: not in the schema ({where})")
-    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+        raise ConfigError(f"unknown config key(s) {extra}: not in the schema ({where})")
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    except OmegaConfBaseException as e:
+        raise ConfigError(unresolved_message(e)) from None
     assert isinstance(obj, schema)
     return obj
+
+
+def unresolved_message(err: Exception) -> str:
+    """One line naming the config key OmegaConf could not resolve (env variable, ``???``, type)."""
+    import re
+
+    from omegaconf.errors import MissingMandatoryValue
+
+    key = getattr(err, "full_key", None) or "<config>"
+    text = str(getattr(err, "msg", None) or err).splitlines()[0]
+    env = re.search(r"Environment variable '([^']+)' not found", text)
+    if env:
+        return (
+            f"{key}: environment variable {env.group(1)} is not set (the config reads "
+            f"${{oc.env:{env.group(1)}}}); export it or override {key}=..."
+        )
+    if isinstance(err, MissingMandatoryValue):
+        return f"{key}: required value is missing (???); set {key}=..."
+    return f"{key}: {text}"
 
 
 def to_config(cfg: Any) -> Config:

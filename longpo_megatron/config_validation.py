@@ -8,7 +8,9 @@ key(s), the value(s) and the rule that was broken.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +55,7 @@ POSITIVE = (
     "data.preprocess_workers",
     "train.train_iters", "train.micro_batch_size", "train.global_batch_size",
     "train.gradient_accumulation_steps", "train.log_interval", "checkpoint.keep_last",
-    "train.exit_duration_minutes", "logging.peak_tflops",
+    "train.exit_duration_minutes", "logging.peak_tflops", "train.max_nonfinite_steps",
 )  # fmt: skip
 """Keys that must be > 0 (null is allowed where the schema is Optional)."""
 
@@ -122,7 +124,34 @@ def _check_enums(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r}: must be one of {list(allowed)}")
 
 
+def _check_finite(cfg: Config) -> None:
+    """Every float key is a finite number (``inf`` passes ``> 0`` and ``nan`` every ``not``)."""
+    for section in dataclasses.fields(cfg):
+        group = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(group):
+            continue
+        for f in dataclasses.fields(group):
+            value = getattr(group, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"{section.name}.{f.name}={value!r}: must be a finite number (not inf or nan)"
+                )
+
+
+def check_dataset_size(num_pairs: int, cfg: Config) -> None:
+    """Refuse a data set smaller than one global batch: every step would hold the same pairs
+    several times (1 record with global batch 8 = the same pair 8 times per step)."""
+    gbs = cfg.train.global_batch_size
+    if num_pairs < gbs:
+        raise ConfigError(
+            f"data.path={cfg.data.path!r} holds {num_pairs} usable pair(s) but "
+            f"train.global_batch_size={gbs}: each step would repeat pairs within one batch; "
+            f"use at least {gbs} records or lower train.global_batch_size"
+        )
+
+
 def _check_ranges(cfg: Config) -> None:
+    _check_finite(cfg)
     for key in POSITIVE:
         value = _get(cfg, key)
         if value is not None and not value > 0:

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from longpo_megatron import checkpoint, distributed
 from longpo_megatron.config import Config
-from longpo_megatron.config_validation import ResolvedLayout
+from longpo_megatron.config_validation import ConfigError, ResolvedLayout, check_dataset_size
 from longpo_megatron.context_parallel import split_batch
 from longpo_megatron.data.collate import collate_pairs, place_chosen_token_values
 from longpo_megatron.data.dataset import PreferenceDataset
@@ -31,6 +31,7 @@ from longpo_megatron.flops import Dims, mfu, peak_flops_of, step_flops
 from longpo_megatron.loss.layer import LongPOLossLayer, LossGroups
 from longpo_megatron.metrics import MetricsLogger, RunLog, reduce_step_metrics
 from longpo_megatron.model.gpt import ModelLayout, build_model
+from longpo_megatron.numerics import NonFiniteGuard, refuse_nonfinite_save
 from longpo_megatron.optim import lr_at
 from longpo_megatron.preemption import (
     PreemptionHandler,
@@ -109,6 +110,7 @@ class Trainer:
         """Common state of the checkpoint resumed from (extra keys such as validation's)."""
         self._pending_metrics: dict[str, float] = {}
         """Metrics produced between logged steps (checkpoint timings), logged with the next."""
+        self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
 
     def setup(self) -> Trainer:
         """Start distributed, load data, build the model, score the reference, build the engine."""
@@ -120,7 +122,7 @@ class Trainer:
         distributed.seed_all(cfg.train.seed, g, cuda=layout.engine == "gpu")
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
                 f"{cfg.model.vocab_size}: the tokenizer does not match the model"
             )
@@ -129,6 +131,7 @@ class Trainer:
         self._stop_if_requested("loading the data")
         self.dataset, held = held_out(cfg.data, self.tokenizer, self.dataset, cfg.train.seed)
         self.state.data = beside.data_identity(self.dataset, cfg)
+        check_dataset_size(len(self.dataset), cfg)
         self.mlayout = model_layout(layout, cfg.parallel.cp_comm_type)
         self.model = build_model(cfg.model, self.mlayout, g)
         self.device = next(self.model.parameters()).device
@@ -165,8 +168,9 @@ class Trainer:
         cfg, g = self.cfg, self.groups
         if cfg.checkpoint.load:
             loaded = checkpoint.load(
-                cfg.checkpoint.load, self.model, g, optimizer=self.engine.optimizer
-            )
+                cfg.checkpoint.load, self.model, g, optimizer=self.engine.optimizer,
+                verify=cfg.checkpoint.checksums,
+            )  # fmt: skip
             self._apply_checkpoint(loaded)
         self.online_reference = None
         if cfg.reference.mode == "online":
@@ -195,7 +199,7 @@ class Trainer:
         resumed policy's)."""
         cfg, resumed = self.cfg, self.state.step > 0
         if resumed and not cfg.reference.load:
-            raise ValueError(
+            raise ConfigError(
                 "reference.mode=online resumed at step "
                 f"{self.state.step} needs reference.load (the initial weights): the policy's "
                 "weights are no longer the initial ones"
@@ -277,6 +281,7 @@ class Trainer:
         if not ck.save:
             raise ValueError("checkpoint.save is not set")
         self._finish_async_save(blocking=True)
+        refuse_nonfinite_save(self.model.parameters(), self.state.step)
         t0 = time.perf_counter()
         path = checkpoint.save(
             ck.save,
@@ -290,6 +295,7 @@ class Trainer:
             keep_last=ck.keep_last,
             async_writer=self.async_writer,
             extra=self.validator.checkpoint_extra() if self.validator else None,
+            checksums=ck.checksums,
         )
         blocked = time.perf_counter() - t0
         self._saved_step = self.state.step
@@ -433,6 +439,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         if self._step_delay:
             time.sleep(self._step_delay)  # test aid only (preemption.STEP_DELAY_ENV)
+        self.nonfinite.update(self.state.step + 1, result.skipped, result.grad_norm)
         self.state.step += 1
         self.state.consumed_pairs += len(indices)
         self.state.consumed_tokens += stats.tokens

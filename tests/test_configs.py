@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import InterpolationResolutionError
 
 from longpo_megatron import config_validation
 from longpo_megatron.config import GROUPS, Config, ModelConfig, register_configs, to_config
@@ -119,12 +118,10 @@ def test_experiment_requires_data_path_and_tokenizer(
 ) -> None:
     monkeypatch.delenv("LONGPO_DATA", raising=False)
     monkeypatch.delenv("LONGPO_TOKENIZER", raising=False)
-    with pytest.raises(InterpolationResolutionError, match="LONGPO_DATA") as info:
+    with pytest.raises(ConfigError, match="^data.path: environment variable LONGPO_DATA is not"):
         compose_config([f"experiment={experiment}"])
-    assert "data.path" in str(info.value)
-    with pytest.raises(InterpolationResolutionError, match="LONGPO_TOKENIZER") as info:
+    with pytest.raises(ConfigError, match="^data.tokenizer: environment variable LONGPO_TOKENIZER"):
         compose_config([f"experiment={experiment}", "data.path=/d.jsonl"])
-    assert "data.tokenizer" in str(info.value)
     monkeypatch.setenv("LONGPO_DATA", "/env/d.jsonl")
     monkeypatch.setenv("LONGPO_TOKENIZER", "/env/tok")
     cfg = compose_config([f"experiment={experiment}"])

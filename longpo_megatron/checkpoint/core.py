@@ -13,7 +13,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-from longpo_megatron.checkpoint import paths, state, storage
+from longpo_megatron.checkpoint import integrity, paths, state, storage
 from longpo_megatron.checkpoint.paths import CheckpointError
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ def save(
     extra: Optional[dict[str, Any]] = None,
     thread_count: int = 1,
     async_writer: Optional[AsyncCheckpointWriter] = None,
+    checksums: bool = True,
 ) -> Path:
     """Save ``<root>/iter_<step>`` atomically, update ``latest``, keep the last ``keep_last``.
 
@@ -117,6 +118,8 @@ def save(
     state, e.g. converter metadata. Returns the iteration directory. With ``async_writer`` the
     shards are written in the background and the directory is published by a later
     ``async_writer.poll()`` / ``wait()`` (a save still in flight is finished first).
+    ``checksums`` writes the per-file checksum manifest (:mod:`.integrity`) into the directory
+    before it is published.
     """
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind {kind!r}: must be one of {list(KINDS)}")
@@ -146,18 +149,21 @@ def save(
         request = dist_checkpointing.save(
             to_save, str(tmp), sharded_strategy=strategy, async_sharded_save=True
         )
-        request.add_finalize_fn(partial(_publish, root, tmp, final, keep_last))
+        request.add_finalize_fn(partial(_publish, root, tmp, final, keep_last, checksums))
         async_writer.schedule(request, final)
         return final
     strategy = storage.CpuTorchDistSaveStrategy(thread_count)
     dist_checkpointing.save(to_save, str(tmp), sharded_strategy=strategy)  # ends in a barrier
-    _publish(root, tmp, final, keep_last)
+    _publish(root, tmp, final, keep_last, checksums)
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
-    """After every rank's shards are written: rank 0 publishes ``tmp`` as ``final`` (moving
-    ``latest``) and prunes; then all ranks barrier. Shared by synchronous and async saves."""
+def _publish(root: Path, tmp: Path, final: Path, keep_last: int, checksums: bool = True) -> None:
+    """After every rank's shards are written: the checksum manifest (collective), then rank 0
+    publishes ``tmp`` as ``final`` (moving ``latest``) and prunes; then all ranks barrier.
+    Shared by synchronous and async saves."""
+    if checksums:
+        integrity.write_manifest(tmp, use_dist=True)  # collective; before publication
     if dist.get_rank() == 0:
         paths.publish(root, tmp, final)
         paths.prune(root, keep_last)
@@ -232,15 +238,18 @@ def load(
     *,
     optimizer: Any = None,
     restore_rng: bool = True,
+    verify: bool = True,
 ) -> LoadedCheckpoint:
     """Load a checkpoint (root, ``latest`` file or iter dir) into ``model`` (+ ``optimizer``).
 
     Collective. Any TP/PP layout loads any other (megatron reshards). A ``weights`` checkpoint
     restores weights only (fresh optimizer, step 0); a ``training`` one also the optimizer and,
     under the saved layout, each rank's RNG states. Nothing is unpickled beyond tensors, plain
-    containers and checkpoint-metadata classes.
+    containers and checkpoint-metadata classes. ``verify`` checks the per-file checksums
+    first (a checkpoint saved without them loads with a warning).
     """
     ckpt = paths.resolve(path)
+    integrity.check(ckpt, verify, use_dist=True)  # collective; before any file is read
     common = _read_checked_common(ckpt)
     kind = common["kind"]
     stored = storage.tensor_shapes(ckpt)

@@ -85,7 +85,7 @@ def is_complete(ckpt_dir: Path) -> bool:
 def read_latest(root: Path) -> Path:
     """The iteration directory ``<root>/latest`` names (must exist and be complete)."""
     latest = root / LATEST
-    name = latest.read_text().strip()
+    name = _read_pointer(latest)
     if iter_step(name) is None:
         raise CheckpointError(f"{latest}: names {name!r}, not an iter_XXXXXXX directory")
     target = root / name
@@ -148,9 +148,64 @@ def clear_leftovers(root: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def _read_pointer(latest: Path) -> str:
+    """The stripped text of a ``latest`` file; binary or unreadable content is a named error."""
+    try:
+        data = latest.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{latest}: cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(
+            f"{latest}: holds binary data, not the name of an iter_XXXXXXX directory"
+        ) from None
+
+
 def _latest_name(root: Path) -> Optional[str]:
+    """What ``latest`` names, or None when it is absent or unreadable (a save rewrites it)."""
     latest = root / LATEST
-    return latest.read_text().strip() if latest.is_file() else None
+    if not latest.is_file():
+        return None
+    try:
+        return _read_pointer(latest)
+    except CheckpointError:
+        return None
+
+
+def check_save_root(root: Union[str, Path], key: str = "checkpoint.save") -> None:
+    """Refuse, before any step is spent, a save root that cannot hold checkpoints.
+
+    The root must be a directory (or creatable: its nearest existing ancestor a writable
+    directory); an existing root gets a probe file written, fsynced and removed (read-only or
+    full storage fails here, not after a step of training).
+    """
+    p = Path(root)
+    where = f"{key}={str(root)!r}"
+    if p.exists() and not p.is_dir():
+        raise CheckpointError(f"{where}: is a file, not a directory")
+    if not p.exists():
+        ancestor = p.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise CheckpointError(f"{where}: cannot be created ({ancestor} is not a directory)")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{where}: cannot be created ({ancestor} is not writable)")
+        return
+    probe = p / f".write-probe.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise CheckpointError(f"{where}: not writable ({e.strerror or e})") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
 
 
 def publish(root: Path, tmp_dir: Path, final_dir: Path) -> None:

@@ -14,6 +14,8 @@ allow-listed unpickler (checkpoint-metadata classes and torch dtypes only) and
 
 from __future__ import annotations
 
+import _compat_pickle
+import importlib
 import io
 import os
 import pickle
@@ -29,6 +31,7 @@ from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
@@ -40,39 +43,55 @@ COMMON_FILE = "common.pt"
 METADATA_FILE = ".metadata"
 """DCP's pickled index of every stored tensor chunk."""
 
-_SAFE_EXACT = frozenset(
-    {
-        "torch.Size",
-        "torch.serialization._get_layout",
-        "torch.distributed.checkpoint.filesystem._StorageInfo",
-        "collections.OrderedDict",
-        "pathlib.PosixPath",
-        "pathlib.PurePosixPath",
-        "pathlib.WindowsPath",
-        "pathlib.PureWindowsPath",
-        "builtins.set",
-        "builtins.frozenset",
-        "builtins.slice",
-    }
-)
-_SAFE_PREFIXES = (
-    "torch.distributed.checkpoint.metadata.",
-    "torch.distributed.checkpoint.planner.",
-    "megatron.core.dist_checkpointing.strategies.torch.MCore",
-)
+_ALLOWED_GLOBALS: dict[str, frozenset[str]] = {
+    "torch": frozenset({"Size"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.distributed.checkpoint.metadata": frozenset(
+        {
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "ChunkStorageMetadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+        }
+    ),
+    "megatron.core.dist_checkpointing.strategies.torch": frozenset({"MCoreMetadata"}),
+    "collections": frozenset({"OrderedDict"}),
+    "pathlib": frozenset({"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}),
+    "builtins": frozenset({"set", "frozenset", "slice", "object"}),
+    "copyreg": frozenset({"_reconstructor"}),  # protocols 0-1 rebuild objects through it
+}
+"""Exactly the globals a DCP ``.metadata`` pickle may name: module -> attribute names. Names are
+looked up as single attributes of these modules (never dotted paths), so nothing a module merely
+imports (``os``, ``subprocess``...) is reachable."""
+
+_TORCH_ENUM_TYPES = (torch.dtype, torch.layout, torch.memory_format)
+"""``torch.<name>`` constants of these types (``torch.float32``...) are allowed too."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves only DCP metadata classes and torch dtype/layout/memory-format constants."""
+    """Resolves only the classes of :data:`_ALLOWED_GLOBALS` and torch dtype/layout constants."""
 
     def find_class(self, module: str, name: str) -> Any:
-        full = f"{module}.{name}"
-        enum_like = module == "torch" and isinstance(
-            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
-        )
-        if not (enum_like or full in _SAFE_EXACT or full.startswith(_SAFE_PREFIXES)):
-            raise pickle.UnpicklingError(f"refusing to unpickle {full!r}")
-        return super().find_class(module, name)
+        refused = pickle.UnpicklingError(f"refusing to unpickle {f'{module}.{name}'!r}")
+        if "." in name or not name.isidentifier():
+            raise refused  # pickle would walk a dotted path through module attributes
+        # protocols 0-2 name Python 2 modules (copy_reg, __builtin__)
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if name in _ALLOWED_GLOBALS.get(module, ()):
+            return getattr(importlib.import_module(module), name)
+        if module == "torch":
+            found = torch.__dict__.get(name)
+            if isinstance(found, _TORCH_ENUM_TYPES):
+                return found
+        raise refused
+
+    def persistent_load(self, pid: Any) -> Any:  # noqa: D102
+        raise pickle.UnpicklingError("refusing a persistent id in checkpoint metadata")
 
 
 def read_metadata(ckpt_dir: Union[str, Path]) -> Metadata:
@@ -83,11 +102,36 @@ def read_metadata(ckpt_dir: Union[str, Path]) -> Metadata:
     with open(path, "rb") as f:
         try:
             md = _MetadataUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable checkpoint metadata: {e}") from None
+        except Exception as e:  # noqa: BLE001  (a crafted or torn file: any failure is refused)
+            raise CheckpointError(
+                f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})"
+            ) from None
     if not isinstance(md, Metadata):
         raise CheckpointError(f"{path}: holds {type(md).__name__}, not DCP Metadata")
+    _check_storage_files(Path(ckpt_dir), md)
     return md
+
+
+def _check_storage_files(ckpt_dir: Path, md: Metadata) -> None:
+    """Every stored item lies inside its data file (a truncated shard is named, not read)."""
+    needed: dict[str, int] = {}
+    if not isinstance(md.storage_data, dict):
+        raise CheckpointError(f"{ckpt_dir / METADATA_FILE}: no storage index")
+    for info in md.storage_data.values():
+        name = str(getattr(info, "relative_path", ""))
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        if not name or os.sep in name or name.startswith("."):
+            raise CheckpointError(f"{ckpt_dir / METADATA_FILE}: bad data file name {name!r}")
+        needed[name] = max(needed.get(name, 0), end)
+    for name, end in sorted(needed.items()):
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: data file missing (incomplete checkpoint)")
+        size = path.stat().st_size
+        if size < end:
+            raise CheckpointError(
+                f"{path}: truncated ({size} bytes, the checkpoint metadata needs {end})"
+            )
 
 
 def read_common(ckpt_dir: Union[str, Path]) -> dict[str, Any]:
@@ -99,6 +143,10 @@ def read_common(ckpt_dir: Union[str, Path]) -> dict[str, Any]:
         common = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused by weights_only loading: {e}") from None
+    except Exception as e:  # noqa: BLE001  (truncated / corrupt zip: name the file)
+        raise CheckpointError(
+            f"{path}: unreadable (truncated or corrupt file; {type(e).__name__})"
+        ) from None
     if not isinstance(common, dict):
         raise CheckpointError(f"{path}: common state is {type(common).__name__}, not a dict")
     return common
@@ -210,6 +258,16 @@ class SafeTorchDistLoadStrategy(mcore_torch.TorchDistLoadShardedStrategy):
         return self.load_tensors_metadata(checkpoint_dir)
 
 
+def _first_failure(err: CheckpointException) -> str:
+    """The lowest rank's failure of a collective DCP call, as one phrase (full disk, EROFS...)."""
+    rank = min(err.failures)
+    exc = err.failures[rank][0] if isinstance(err.failures[rank], tuple) else err.failures[rank]
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"rank {rank}: {exc.strerror}{where}"
+    return f"rank {rank}: {type(exc).__name__}: {exc}"
+
+
 class CpuTorchDistSaveStrategy(SaveShardedStrategy):
     """Synchronous torch_dist writer: megatron's key translation + stock DCP save, no CUDA.
 
@@ -224,13 +282,16 @@ class CpuTorchDistSaveStrategy(SaveShardedStrategy):
         """Write this rank's main-replica shards; rank 0 writes the global ``.metadata``."""
         sd, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
         pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sd, False)
-        dcp.save(
-            pyt_state_dict,
-            storage_writer=FileSystemWriter(
-                str(checkpoint_dir), thread_count=self.thread_count, sync_files=True
-            ),
-            planner=mcore_torch.MCoreSavePlanner(flatten_state_dict=False),
-        )
+        try:
+            dcp.save(
+                pyt_state_dict,
+                storage_writer=FileSystemWriter(
+                    str(checkpoint_dir), thread_count=self.thread_count, sync_files=True
+                ),
+                planner=mcore_torch.MCoreSavePlanner(flatten_state_dict=False),
+            )
+        except CheckpointException as e:  # collective: every rank raises the same error
+            raise CheckpointError(f"{checkpoint_dir}: saving failed: {_first_failure(e)}") from None
 
     @property
     def can_handle_sharded_objects(self) -> bool:  # noqa: D102

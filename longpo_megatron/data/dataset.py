@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from longpo_megatron.data.records import DataReport, PreferenceRecord, read_records
+from longpo_megatron.data.records import DataError, DataReport, PreferenceRecord, read_records
 from longpo_megatron.data.tokenize import TokenizedPair, tokenize_records
 from longpo_megatron.data.tokenizer import ChatTokenizer
 
@@ -129,6 +129,6 @@ def load_dataset(
         report=report,
     )
     if not pairs:
-        raise ValueError(f"no usable records in {str(path)!r}: {report.summary()}")
+        raise DataError(f"no usable records in {str(path)!r}: {report.summary()}")
     kept = {p.record_id for p in pairs}
     return PreferenceDataset(pairs, [r for r in records if r.id in kept]), report

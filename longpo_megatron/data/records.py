@@ -21,6 +21,14 @@ TURN_FIELDS = ("instruction", "short_context", "chosen", "rejected")
 RECORD_FIELDS = ("schema_version", "id", "document", "turns", "metadata")
 
 
+class DataError(UserError, ValueError):
+    """A data file or tokenizer that cannot be used as a whole (names the path and the rule)."""
+
+
+class DataFileNotFound(UserError, FileNotFoundError):
+    """A data file or tokenizer directory that does not exist (names the path)."""
+
+
 class RecordError(UserError, ValueError):
     """One invalid record: ``reason`` is a short class key (e.g. ``missing_field``)."""
 
@@ -107,6 +115,18 @@ class DataReport:
         )
 
 
+def check_encodable(value: str, name: str) -> str:
+    """``value`` unchanged when it is valid Unicode text; a lone surrogate (``"\\ud800"``, which
+    JSON allows but no tokenizer can encode) is a :class:`RecordError` naming the field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RecordError(
+            "invalid_utf8", f"not encodable as UTF-8 (lone surrogate at {exc.start})", field=name
+        ) from None
+    return value
+
+
 def _require_str(obj: dict[str, Any], key: str, prefix: str = "") -> str:
     """A required, non-empty string field."""
     name = f"{prefix}{key}"
@@ -117,7 +137,7 @@ def _require_str(obj: dict[str, Any], key: str, prefix: str = "") -> str:
         raise RecordError("wrong_type", f"must be a string, got {type(value).__name__}", field=name)
     if not value.strip():
         raise RecordError("empty_string", "must be a non-empty (non-blank) string", field=name)
-    return value
+    return check_encodable(value, name)
 
 
 def _reject_unknown(obj: dict[str, Any], allowed: tuple[str, ...], prefix: str = "") -> None:
@@ -274,7 +294,7 @@ def read_records(
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"data file {str(p)!r} does not exist or is not a file")
+        raise DataFileNotFound(f"data file {str(p)!r} does not exist or is not a file")
     report = DataReport(path=str(p))
     records: list[PreferenceRecord] = []
     seen: dict[str, int] = {}

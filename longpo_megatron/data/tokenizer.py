@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from longpo_megatron.data.records import DataError, DataFileNotFound
+
 Pairs = Sequence[tuple[str, str]]
 """A conversation as (user text, assistant text) pairs, in order."""
 
@@ -111,10 +113,10 @@ class HFChatTokenizer:
         self.name = str(path)
         self._tok: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         if not getattr(self._tok, "chat_template", None):
-            raise ValueError(f"tokenizer {self.name!r} has no chat template")
+            raise DataError(f"tokenizer {self.name!r} has no chat template")
         eos = self._tok.eos_token_id
         if eos is None:
-            raise ValueError(f"tokenizer {self.name!r} has no eos token (end of turn)")
+            raise DataError(f"tokenizer {self.name!r} has no eos token (end of turn)")
         self.eos_id: int = int(eos)
         pad = self._tok.pad_token_id
         self.pad_id: int = int(pad) if pad is not None else self.eos_id
@@ -137,7 +139,7 @@ class HFChatTokenizer:
                 )
             )
         except Exception as exc:  # jinja errors name nothing useful; say which tokenizer
-            raise ValueError(f"chat template of tokenizer {self.name!r} failed: {exc}") from exc
+            raise DataError(f"chat template of tokenizer {self.name!r} failed: {exc}") from exc
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids of ``text`` and each token's (start, end) character span (fast tokenizers)."""
@@ -152,9 +154,9 @@ class HFChatTokenizer:
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
         return self.encode(self.render_text(messages, generation_prompt))
 
-    def not_prefix_stable(self, turn: int, what: str) -> ValueError:
+    def not_prefix_stable(self, turn: int, what: str) -> DataError:
         """The error for a rendering whose tokens change when the conversation grows."""
-        return ValueError(
+        return DataError(
             f"chat template of tokenizer {self.name!r} is not prefix-stable: rendering "
             f"{what} of turn {turn} changes the tokens of the earlier conversation, so "
             "response tokens cannot be located exactly"
@@ -197,7 +199,7 @@ def build_tokenizer(name_or_path: str) -> ChatTokenizer:
         return ByteChatTokenizer()
     path = Path(name_or_path)
     if not path.exists():
-        raise FileNotFoundError(
+        raise DataFileNotFound(
             f"tokenizer {name_or_path!r} is neither 'byte' nor an existing local tokenizer "
             "directory (downloads are not attempted)"
         )

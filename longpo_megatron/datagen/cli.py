@@ -20,12 +20,14 @@ from omegaconf import DictConfig
 from longpo_megatron.datagen.backends import GenerationBackend, build_backend
 from longpo_megatron.datagen.config import (
     DatagenConfig,
+    DatagenConfigError,
     register_datagen_configs,
     to_datagen_config,
     validate_datagen_config,
 )
 from longpo_megatron.datagen.merge import merge_shards
 from longpo_megatron.datagen.pipeline import ShardPipeline
+from longpo_megatron.errors import report_user_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf" / "datagen"
@@ -59,7 +61,7 @@ def flags_to_overrides(argv: list[str]) -> list[str]:
         if arg.startswith("--") and name in FLAG_KEYS:
             if not eq:
                 if i + 1 >= len(argv):
-                    raise SystemExit(f"longpo-datagen: {arg} needs a value")
+                    raise DatagenConfigError(f"longpo-datagen: {arg} needs a value")
                 value, i = argv[i + 1], i + 1
             out.append(f"{name}={value}")
         else:
@@ -69,10 +71,12 @@ def flags_to_overrides(argv: list[str]) -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="datagen")
+@report_user_errors
 def _hydra_main(dcfg: DictConfig) -> None:
     run(to_datagen_config(dcfg))
 
 
+@report_user_errors
 def main() -> None:
     """Console entry point."""
     sys.argv[1:] = flags_to_overrides(sys.argv[1:])

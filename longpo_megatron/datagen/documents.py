@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from longpo_megatron.data.records import RecordError
-from longpo_megatron.datagen.config import InputConfig
+from longpo_megatron.data.records import DataFileNotFound, RecordError, check_encodable
+from longpo_megatron.datagen.config import DatagenConfigError, InputConfig
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md", ".tex")
@@ -48,14 +48,16 @@ def input_files(paths: list[str]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"input.paths: directory {raw!r} holds no {SUFFIXES}")
+                raise DataFileNotFound(f"input.paths: directory {raw!r} holds no {SUFFIXES}")
             files += found
         elif p.is_file():
             if p.suffix not in SUFFIXES:
-                raise ValueError(f"input.paths: {raw!r} has an unknown suffix (use {SUFFIXES})")
+                raise DatagenConfigError(
+                    f"input.paths: {raw!r} has an unknown suffix (use {SUFFIXES})"
+                )
             files.append(p)
         else:
-            raise FileNotFoundError(f"input.paths: {raw!r} does not exist")
+            raise DataFileNotFound(f"input.paths: {raw!r} does not exist")
     return files
 
 
@@ -76,12 +78,7 @@ def _text_value(value: Any, name: str) -> str:
             ) from None
     if not isinstance(value, str):
         raise RecordError("wrong_type", f"must be a string, got {type(value).__name__}", field=name)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise RecordError(
-            "invalid_utf8", f"not encodable as UTF-8 (lone surrogate at {exc.start})", field=name
-        ) from None
+    check_encodable(value, name)
     if not value.strip():
         raise RecordError("empty_string", "must be a non-empty (non-blank) string", field=name)
     return value

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from longpo_megatron.data.records import read_records, records_to_jsonl
+from longpo_megatron.data.records import DataError, read_records, records_to_jsonl
 from longpo_megatron.datagen.config import DatagenConfig, parse_shard
 from longpo_megatron.datagen.store import Manifest, write_atomic
 
@@ -33,20 +33,22 @@ def merge_shards(cfg: DatagenConfig) -> dict[str, Any]:
     The shard files are read back through the training reader (schema validation), and ids
     must be unique over all shards.
     """
-    from longpo_megatron.datagen.pipeline import shard_dirname, summary_line
+    from longpo_megatron.datagen.pipeline import StageStateError, shard_dirname, summary_line
 
     _, count = parse_shard(cfg.shard)
     root = Path(cfg.output_dir)
     dirs = [root / shard_dirname(i, count) for i in range(count)]
     missing = [str(d) for d in dirs if not Manifest(d / "manifest.json").complete("records")]
     if missing:
-        raise RuntimeError(f"merge: {len(missing)} of {count} shards are not finished: {missing}")
+        raise StageStateError(
+            f"merge: {len(missing)} of {count} shards are not finished: {missing}"
+        )
     records, report, owner = [], {"shards": count}, {}
     for d in dirs:
         shard_records, _ = read_records(d / "records.jsonl", policy="error")
         for rec in shard_records:
             if rec.id in owner:
-                raise ValueError(f"merge: record id {rec.id!r} is in {owner[rec.id]} and {d}")
+                raise DataError(f"merge: record id {rec.id!r} is in {owner[rec.id]} and {d}")
             owner[rec.id] = str(d)
         records += shard_records
         part = json.loads((d / "report.json").read_text(encoding="utf-8"))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from longpo_megatron.data.records import RecordError, records_to_jsonl
+from longpo_megatron.data.records import RecordError, check_encodable, records_to_jsonl
 from longpo_megatron.data.tokenizer import build_tokenizer
 from longpo_megatron.datagen.backends.base import GenerationBackend, GenerationRequest
 from longpo_megatron.datagen.chunking import chunk_document
@@ -427,10 +427,10 @@ class ShardPipeline:
     def run_records(self) -> None:
         """Filter pairs, group turns into records, apply the training limits, write the shard."""
         docs = self.documents()
-        stage_rows = {"instructions": self.instruction_rows()}
-        for side in ("chosen", "rejected"):
-            self._require(side)
-            stage_rows[side] = {r["key"]: r for r in read_jsonl(self.dir / f"{side}.jsonl")}
+        stage_rows = {}
+        for name in ("instructions", "chosen", "rejected"):
+            self._require(name)
+            stage_rows[name] = _encodable_rows(self.dir / f"{name}.jsonl")
         tokenizer = build_tokenizer(self.training_tokenizer())
         records, grouping = build_records(
             docs, stage_rows, self.generator_metadata(), self.cfg, tokenizer
@@ -467,6 +467,23 @@ class ShardPipeline:
         if "records" in stages:
             out["records"] = stages["records"].get("stats", {})
         return out
+
+
+def _encodable_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of a generation stage by key; backend text no tokenizer can encode (a lone
+    surrogate) is a :class:`RecordError` naming the stage file, line, key and field."""
+    rows = read_jsonl(path)
+    for line, row in enumerate(rows, start=1):
+        texts = [("text", row.get("text"))] if row.get("status") == "ok" else []
+        for i, ins in enumerate(row.get("instructions") or []):
+            texts.append((f"instructions[{i}].text", ins.get("text")))
+        try:
+            for name, text in texts:
+                if isinstance(text, str):
+                    check_encodable(text, name)
+        except RecordError as err:
+            raise err.located(path=str(path), line=line, record_id=row.get("key")) from None
+    return {r["key"]: r for r in rows}
 
 
 def summary_line(report: dict[str, Any]) -> str:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from longpo_megatron.data.records import DataError
+
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
     """Short stable hash of JSON-able settings."""
@@ -97,7 +99,7 @@ def read_jsonl_bytes(data: bytes, path: Path) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(raw))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: line {lineno}: corrupt stage output ({exc})") from None
+            raise DataError(f"{path}: line {lineno}: corrupt stage output ({exc})") from None
     return rows
 
 

@@ -1,16 +1,22 @@
-"""Command lines: ``longpo-convert-hf-to-megatron`` and ``longpo-convert-megatron-to-hf``."""
+"""Command lines: ``longpo-convert-hf-to-megatron`` and ``longpo-convert-megatron-to-hf``.
+
+Both write only into a NEW or EMPTY output directory that is not a symlink and does not overlap
+their input (:func:`.output_dir.check_output_dir`), checked before any work. A user
+error is one ``error:`` line and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 from longpo_megatron.config import ModelConfig
+from longpo_megatron.errors import report_user_errors
 from longpo_megatron.export.arch import ConversionError, model_config_from_dict
+from longpo_megatron.process import silence_fallback_warnings
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
 _UNITS["GIB"] = 2**30
@@ -46,23 +52,20 @@ def load_model_yaml(path: str) -> ModelConfig:
     return model_config_from_dict(raw)
 
 
-def _run(fn, *args, **kwargs) -> int:
-    """Call ``fn``; conversion / checkpoint errors become one ``error:`` line and exit code 2."""
-    from longpo_megatron.checkpoint import CheckpointError
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are user errors (one ``error:`` line, exit 2)."""
 
-    try:
-        fn(*args, **kwargs)
-    except (ConversionError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    def error(self, message: str):  # noqa: D102
+        raise ConversionError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+@report_user_errors
 def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
-    """HF directory -> megatron ``kind="weights"`` checkpoint root."""
+    """HF directory -> megatron ``kind="weights"`` checkpoint root (0; a user error exits 2)."""
+    silence_fallback_warnings()
     from longpo_megatron.export.convert import convert_hf_to_megatron
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="longpo-convert-hf-to-megatron",
         description="Convert an HF Llama / Mistral / Qwen2 model into a megatron weights "
         "checkpoint (loadable at any TP/PP layout).",
@@ -95,11 +98,7 @@ def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    if Path(a.out_dir, "latest").exists():
-        print(f"error: {a.out_dir} already holds a checkpoint ('latest' exists)", file=sys.stderr)
-        return 2
-    return _run(
-        convert_hf_to_megatron,
+    convert_hf_to_megatron(
         a.hf_dir,
         a.out_dir,
         rotary_base=a.rotary_base,
@@ -108,13 +107,16 @@ def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
         allow_unmodelled=a.allow_unmodelled,
         progress=not a.no_progress,
     )
+    return 0
 
 
+@report_user_errors
 def megatron_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Megatron checkpoint (root, ``latest`` or iter dir) -> HF directory."""
+    """Megatron checkpoint (root, ``latest`` or iter dir) -> HF directory (0; errors exit 2)."""
+    silence_fallback_warnings()
     from longpo_megatron.export.convert import convert_megatron_to_hf
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="longpo-convert-megatron-to-hf",
         description="Export a megatron checkpoint (any TP/PP layout) as an HF directory with "
         "sharded safetensors, index, config.json and tokenizer files.",
@@ -152,13 +154,8 @@ def megatron_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    try:
-        mcfg = load_model_yaml(a.model_config) if a.model_config else None
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return _run(
-        convert_megatron_to_hf,
+    mcfg = load_model_yaml(a.model_config) if a.model_config else None
+    convert_megatron_to_hf(
         a.checkpoint,
         a.out_dir,
         model_config=mcfg,
@@ -168,3 +165,4 @@ def megatron_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
         max_shard_bytes=a.max_shard_size,
         progress=not a.no_progress,
     )
+    return 0

@@ -37,6 +37,7 @@ from longpo_megatron.export.mapping import (
     to_hf,
     to_megatron,
 )
+from longpo_megatron.export.output_dir import check_output_dir
 
 HF_ASSETS = "hf"
 """Subdirectory of a converted megatron root holding the source config.json + tokenizer files."""
@@ -80,6 +81,7 @@ def convert_hf_to_megatron(
     ``<out>/model.yaml`` (a Hydra ``model`` group file). Returns the iteration directory.
     """
     src = require_dir(hf_dir, "HF model directory")
+    check_output_dir(out_dir, src)
     hf_cfg = read_json(src / "config.json")
     m = model_config_from_hf(
         hf_cfg,
@@ -226,6 +228,7 @@ def convert_megatron_to_hf(
     ``rope_theta``) + the template's tokenizer files. ``dtype`` auto keeps the stored dtype.
     Returns the output directory.
     """
+    check_output_dir(out_dir, checkpoint, *([template_dir] if template_dir else []))
     ckpt_dir = mio.resolve_checkpoint(checkpoint)
     common = mio.read_common(ckpt_dir)
     tdir, template_cfg = _template(ckpt_dir.parent, template_dir, common)
@@ -234,8 +237,6 @@ def convert_megatron_to_hf(
     stored_dtype = mio.stored_dtype(ckpt_dir)
     out_dtype = parse_dtype(dtype) or stored_dtype
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"output directory {str(out)!r} exists and is not empty")
     with mio.single_rank_groups() as groups:
         model = mio.build_tp1_model(m, stored_dtype, groups)
         mio.load_weights(model, ckpt_dir)

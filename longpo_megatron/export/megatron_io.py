@@ -112,10 +112,14 @@ def save_weights_checkpoint(
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint root (with ``latest``), its ``latest`` file, or an iteration directory."""
+    """A checkpoint root (with ``latest``), its ``latest`` file, or an iteration directory,
+    verified against its checksum manifest."""
     from longpo_megatron import checkpoint
+    from longpo_megatron.checkpoint import integrity
 
-    return checkpoint.resolve(path)
+    ckpt = checkpoint.resolve(path)
+    integrity.check(ckpt, True, use_dist=False)  # per-file checksums, before anything is read
+    return ckpt
 
 
 def read_common(ckpt_dir: Path) -> dict[str, Any]:

@@ -25,10 +25,18 @@ from longpo_megatron.config_validation import validate_config
 from longpo_megatron.data.dataset import PreferenceDataset
 from longpo_megatron.data.preprocess import prepared_for_run
 from longpo_megatron.data.tokenizer import build_tokenizer
+from longpo_megatron.errors import report_user_errors
 from longpo_megatron.model.gpt import build_model
 from longpo_megatron.reference import ReferenceScorer, build_scorer
 from longpo_megatron.reference.sequences import view_of
-from longpo_megatron.reference.store import append_rows, done_ids, header_for, merge_parts
+from longpo_megatron.reference.store import (
+    ReferenceStoreError,
+    append_rows,
+    check_output,
+    done_ids,
+    header_for,
+    merge_parts,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 os.environ.setdefault("LONGPO_ROOT", str(REPO_ROOT))
@@ -90,12 +98,14 @@ def _initial_policy(cfg: Config, layout, groups) -> torch.nn.Module:
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="config")
+@report_user_errors
 def _hydra_main(dcfg: DictConfig) -> None:
     from longpo_megatron.trainer import model_layout
 
     cfg = to_config(dcfg)
     if not cfg.reference.path:
-        raise SystemExit("longpo-ref-logps: set reference.path=<output .jsonl>")
+        raise ReferenceStoreError("longpo-ref-logps: set reference.path=<output .jsonl>")
+    check_output(Path(cfg.reference.path), cfg.data.path)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_config(cfg, world_size=world, cuda_available=torch.cuda.is_available())
     backend = cfg.parallel.distributed_backend or ("nccl" if layout.engine == "gpu" else "gloo")

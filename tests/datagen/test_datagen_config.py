@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from dg_helpers import CONF, compose_cfg
-from omegaconf.errors import InterpolationResolutionError
 
+from longpo_megatron.config_validation import ConfigError
 from longpo_megatron.datagen.cli import flags_to_overrides
 from longpo_megatron.datagen.config import (
     DatagenConfig,
@@ -56,7 +56,9 @@ def test_real_presets_follow_the_reference_recipe() -> None:
 
 def test_model_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LONGPO_DATAGEN_MODEL", raising=False)
-    with pytest.raises(InterpolationResolutionError, match="LONGPO_DATAGEN_MODEL"):
+    with pytest.raises(
+        ConfigError, match=r"^backend.model: environment variable LONGPO_DATAGEN_MODEL is not set"
+    ):
         compose_cfg([])
     monkeypatch.setenv("LONGPO_DATAGEN_MODEL", "/env/model")
     assert compose_cfg([]).backend.model == "/env/model"
@@ -110,5 +112,5 @@ def test_shard_flags_and_parsing() -> None:
         "--cfg",
         "job",
     ]
-    with pytest.raises(SystemExit):
+    with pytest.raises(DatagenConfigError, match="--shard needs a value"):
         flags_to_overrides(["--shard"])

@@ -236,3 +236,23 @@ def test_schema_round_trip(baseline: SimpleNamespace, tmp_path: Path) -> None:
     write_records(tmp_path / "again.jsonl", records)
     again, _ = read_records(tmp_path / "again.jsonl")
     assert again == records and [r.metadata for r in again] == [r.metadata for r in records]
+
+
+class SurrogateBackend(ScriptedBackend):
+    """Answers every chosen prompt with text holding a lone surrogate (what a broken detokenizer
+    can emit); the stage file stores it as a JSON escape."""
+
+    def _answer(self, prompt: str) -> tuple[str, str]:
+        text, finish = super()._answer(prompt)
+        return ("Lone \ud800 here. " + text, finish) if "Reading" in text else (text, finish)
+
+
+def test_backend_surrogate_output_is_refused_by_the_records_stage(tmp_path: Path) -> None:
+    from dg_helpers import small_corpus
+
+    docs = f"input.paths=[{small_corpus(tmp_path / 'docs')}]"
+    cfg = scripted_cfg(tmp_path / "out", docs)
+    with pytest.raises(RecordError, match=r"chosen\.jsonl, line \d+, record '.+#\d+#\d+': field "
+                       r"'text': not encodable as UTF-8 \(lone surrogate at 5\) \[invalid_utf8\]"):
+        run(cfg, SurrogateBackend(cfg.backend))
+    assert not (tmp_path / "out" / SHARD0 / "records.jsonl").exists()

@@ -11,7 +11,7 @@ from longpo_megatron.datagen.backends.base import (
     TokenizerMismatch,
     check_vocab,
 )
-from longpo_megatron.datagen.config import BackendConfig
+from longpo_megatron.datagen.config import BackendConfig, DatagenConfigError
 
 
 def build_backend(cfg: BackendConfig) -> GenerationBackend:
@@ -31,7 +31,7 @@ def build_backend(cfg: BackendConfig) -> GenerationBackend:
         if not isinstance(backend, GenerationBackend):
             raise TypeError(f"backend.name={cfg.name!r} did not return a GenerationBackend")
         return backend
-    raise ValueError(f"backend.name={cfg.name!r}: use hf, vllm or package.module:factory")
+    raise DatagenConfigError(f"backend.name={cfg.name!r}: use hf, vllm or package.module:factory")
 
 
 __all__ = [

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol, runtime_checkable
 
+from longpo_megatron.data.records import DataError, DataFileNotFound
 from longpo_megatron.datagen.config import BackendConfig, SamplingConfig
 from longpo_megatron.errors import UserError
 
@@ -81,7 +82,7 @@ def check_vocab(tok_name: str, tok_size: int, max_id: int, model_name: str, voca
 def local_dir(value: Optional[str], key: str) -> str:
     """A local directory given by config ``key`` (nothing is downloaded)."""
     if not value or not Path(value).is_dir():
-        raise FileNotFoundError(
+        raise DataFileNotFound(
             f"{key}={value!r} is not a local directory (models and tokenizers are never "
             "downloaded; point it at a saved model)"
         )
@@ -102,9 +103,9 @@ class HFTokenizerMixin:
             self.tokenizer_path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
         )
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"tokenizer {self.tokenizer_path!r} has no chat template")
+            raise DataError(f"tokenizer {self.tokenizer_path!r} has no chat template")
         if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {self.tokenizer_path!r} has no eos (end-of-turn) token")
+            raise DataError(f"tokenizer {self.tokenizer_path!r} has no eos (end-of-turn) token")
 
     def _check_model_vocab(self, model_name: str, vocab: int) -> None:
         vocab_ids = self.tokenizer.get_vocab().values()

@@ -15,7 +15,7 @@ from longpo_megatron.datagen.backends.base import (
     GenerationRequest,
     HFTokenizerMixin,
 )
-from longpo_megatron.datagen.config import BackendConfig, SamplingConfig
+from longpo_megatron.datagen.config import BackendConfig, DatagenConfigError, SamplingConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -27,7 +27,7 @@ class HFBackend(HFTokenizerMixin):
 
     def __init__(self, cfg: BackendConfig) -> None:
         if cfg.dtype not in DTYPES:
-            raise ValueError(f"backend.dtype={cfg.dtype!r}: must be one of {DTYPES}")
+            raise DatagenConfigError(f"backend.dtype={cfg.dtype!r}: must be one of {DTYPES}")
         self._load_local_model(cfg)
         self._model: Any = None
         self._device: Any = None
