@@ -12,13 +12,14 @@
 #   CKPT_DIR       checkpoints (default: $RUN_DIR/checkpoints); OUT_DIR metrics (default: $RUN_DIR)
 #   CONTAINER      enroot/pyxis image; unset or empty = run in the current environment
 #   LONGPO_ENV_FILE  a file sourced before launching (modules, venv, NCCL/IB settings)
-#   LAUNCH         the trainer launch command (default: python -m torch.distributed.run)
+#   LAUNCH         the trainer launch command (default: python -m longpo_megatron.launch, i.e.
+#                  torchrun that passes exit codes 2/3 through and ends quietly on SIGTERM)
 #   NPROC_PER_NODE trainer processes per node (default: $SLURM_GPUS_ON_NODE, else 8)
 #   SAVE_INTERVAL  checkpoint every N steps; MASTER_PORT rendezvous port (default 29500)
 
 LONGPO_REQUEUE_EXIT_CODE=3  # longpo_megatron/errors.py REQUEUE_EXIT_CODE (tests check they agree)
 LONGPO_ENV_PREFIXES=(NCCL_ TORCH_NCCL_ UCX_ FI_ IBV_ OMPI_MCA_ PMIX_MCA_ CUDA_DEVICE_MAX_)
-LAUNCH="${LAUNCH:-python -m torch.distributed.run}"
+LAUNCH="${LAUNCH:-python -m longpo_megatron.launch}"
 REPO="${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
 RUNS_ROOT="${RUNS_ROOT:-${REPO}/outputs/runs}"
 

@@ -119,7 +119,7 @@ def test_sbatch_headers(name: str) -> None:
 def test_launcher_requeue_code_is_the_trainers() -> None:
     text = (SLURM / "launcher.sh").read_text()
     assert f"LONGPO_REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE} " in text
-    assert 'LAUNCH="${LAUNCH:-python -m torch.distributed.run}"' in text
+    assert 'LAUNCH="${LAUNCH:-python -m longpo_megatron.launch}"' in text
 
 
 # --- plumbing with a recording srun ------------------------------------------------------------
@@ -157,9 +157,9 @@ def test_container_is_optional_and_launch_is_one_variable(env: dict[str, str]) -
     assert run_script("longpo_128k.sh", env).returncode == 0
     argv = srun_argv(env)
     assert not any(a.startswith("--container") for a in argv)
-    assert argv[4:9] == ["python", "-m", "torch.distributed.run", "--nnodes", "1"]
+    assert argv[4:9] == ["python", "-m", "longpo_megatron.launch", "--nnodes", "1"]
     env.update(
-        CONTAINER="nvcr.io#nvidia/pytorch:25.01-py3", LAUNCH="python -m longpo_megatron.launch"
+        CONTAINER="nvcr.io#nvidia/pytorch:25.01-py3", LAUNCH="python -m torch.distributed.run"
     )
     srun_log = Path(env["FAKE_SLURM_DIR"]) / "srun-raw"
     bin_srun = Path(env["PATH"].split(":")[0]) / "srun"
@@ -170,7 +170,7 @@ def test_container_is_optional_and_launch_is_one_variable(env: dict[str, str]) -
     mounts = next(a for a in raw if a.startswith("--container-mounts="))
     assert f"{ROOT}:/workspace/longpo" in mounts and env["DATA"] in mounts
     assert raw[raw.index("ignore-usr1") + 1 : raw.index("ignore-usr1") + 4] == [
-        "python", "-m", "longpo_megatron.launch",
+        "python", "-m", "torch.distributed.run",
     ]  # fmt: skip
 
 
