@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -47,6 +46,20 @@ QUICK = [CASES[1], CASES[3], CASES[4], CASES[5]]
 def _rss_bytes() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> None:
+    """Restart the kernel's peak-RSS count (VmHWM) here, so a transient peak before the
+    measured region (imports, process-group start-up) is not taken for the step's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_bytes() -> float:
+    """Peak RSS (VmHWM) since :func:`_reset_peak`."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def _batch(seq: int):
@@ -84,14 +97,14 @@ def measure_rank(rank: int, world: int, seq: int, tp: int, pp: int, cp: int, rec
     step = make_train_forward_step(LongPOLossLayer(LongPOConfig(), LossGroups(g.tp, g.cp)))
     batch = split_batch(_batch(seq), g.cp_rank, cp)
     before = _rss_bytes()
+    _reset_peak()
     torch.manual_seed(0)
     mcfg = ModelConfig(**MODEL, recompute=recompute)
     model = build_model(mcfg, ModelLayout(tp, pp, cp, False, "local", "cpu", "fp32"), g)
     engine = CpuEngine(model, g, OptimConfig(lr=1e-4))
     for _ in range(2):
         engine.train_step(step, [batch], 1e-4)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak - before
+    return _peak_bytes() - before
 
 
 def estimate_case(seq: int, tp: int, pp: int, cp: int, recompute: str) -> float:

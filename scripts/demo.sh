@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export LONGPO_ROOT="$PWD" OMP_NUM_THREADS=1
-.venv/bin/torchrun --nproc-per-node 2 -m longpo_megatron.train \
+.venv/bin/python -m longpo_megatron.launch --nproc-per-node 2 -m longpo_megatron.train \
   parallel="${DEMO_PARALLEL:-tp2}" optim=demo train=demo logging.output_dir=outputs/demo "$@"

@@ -22,14 +22,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def single_rank_group():
-    """A world of one gloo rank (the WORLD group), for code that takes process groups."""
+    """A world of one gloo rank (the WORLD group), for code that takes process groups.
+
+    Initialised on demand (in-process trainer runs destroy the default group when they close),
+    through an explicit TCP address so no MASTER_PORT is left in this process's environment for
+    the subprocesses of later tests to collide with."""
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
     yield dist.group.WORLD
+
+
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+"""Variables an in-process run sets (``distributed.init_process_group``) and children inherit."""
+
+
+@pytest.fixture(autouse=True)
+def _restore_dist_env():
+    """Undo a test's changes to the rendezvous variables, so a later test's subprocess does not
+    inherit a port this process still listens on (or a RANK that makes it a torchrun worker)."""
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)

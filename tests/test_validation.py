@@ -78,9 +78,12 @@ def test_split_is_seeded_and_disjoint():
     train, valid = split_validation(PreferenceDataset(pairs), 0.25, seed=3)
     again = split_validation(PreferenceDataset(pairs), 0.25, seed=3)[1]
     assert len(valid) == 3 and len(train) == 7
-    assert [p.chosen for p in valid.pairs] == [p.chosen for p in again.pairs]
-    firsts = {p.chosen[0] for p in train.pairs} | {p.chosen[0] for p in valid.pairs}
-    assert firsts == set(range(10)) and [p.index for p in valid.pairs] == [0, 1, 2]
+    def items(ds):  # the split is a lazy view: read it pair by pair
+        return [ds[i] for i in range(len(ds))]
+
+    assert [p.chosen for p in items(valid)] == [p.chosen for p in items(again)]
+    firsts = {p.chosen[0] for p in items(train)} | {p.chosen[0] for p in items(valid)}
+    assert firsts == set(range(10)) and [p.index for p in items(valid)] == [0, 1, 2]
     with pytest.raises(ValueError, match="validation_fraction"):
         split_validation(PreferenceDataset(pairs[:1]), 0.5, seed=0)
 

@@ -26,7 +26,8 @@ def validation_worker(rank: int, world: int, *, tp: int, data: str, tmp: str) ->
     trainer = make(None)
     layers, groups = trainer.cfg.model.num_layers, trainer.groups
     out: dict[str, Any] = {"init": gather_full_state(trainer.model, groups, num_layers=layers)}
-    out["valid_pairs"] = list(trainer.validator.dataset.pairs)
+    valid = trainer.validator.dataset  # a lazy view of the prepared data: read pair by pair
+    out["valid_pairs"] = [valid[i] for i in range(len(valid))]
     out["train_size"] = len(trainer.dataset)
     out["history"] = trainer.run()
     out["final"] = gather_full_state(trainer.model, trainer.groups, num_layers=layers)

@@ -224,7 +224,9 @@ def run_pieces(job: Job, plan: dict[str, Any], out: Path, pieces: list[int], wor
     source = plan["source"]
     todo = [p for p in pieces if not _done(out, p)]
     total = sum(source["pieces"][p][1] - source["pieces"][p][0] for p in todo)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr)
+    bar = tqdm(  # delay: a preparation done in seconds prints no bar (nor any line)
+        total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, delay=5.0
+    )
     tokens = 0
     args = [(job, source, p, out) for p in todo]
     if workers > 1 and len(todo) > 1:
@@ -256,8 +258,9 @@ def _consume(results, bar) -> int:
         if "error" in res:
             raise PreprocessError(res["error"])
         tokens += res["tokens"]
+        rate = f"{tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s"
+        bar.set_postfix_str(rate, refresh=False)  # shown by update(): honours the bar's delay
         bar.update(res["bytes"])
-        bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s")
     return tokens
 
 

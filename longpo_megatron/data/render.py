@@ -28,9 +28,8 @@ from longpo_megatron.data.records import PreferenceRecord
 from longpo_megatron.data.tokenize import (
     ShortSeq,
     TokenizedPair,
-    _over_length,
+    assemble_pair,
     long_pairs,
-    short_pairs,
 )
 from longpo_megatron.data.tokenizer import (
     ByteChatTokenizer,
@@ -119,30 +118,10 @@ def render_record(
     first = None
     if isinstance(tokenizer, ByteChatTokenizer):
         first = tokenizer.encode(long_pairs(record, "chosen")[0][0])
-    long: dict[str, ShortSeq] = {}
-    for side in ("chosen", "rejected"):
-        ids, mask = render_fast(tokenizer, long_pairs(record, side), first)
-        if len(ids) > max_seq_length:
-            raise _over_length(record, f"{side} long sequence", len(ids), max_seq_length)
-        long[side] = (ids, mask)
-    short: dict[str, list[ShortSeq]] = {"chosen": [], "rejected": []}
-    for i in range(len(record.turns)):
-        for side in ("chosen", "rejected"):
-            ids, mask = render_fast(tokenizer, short_pairs(record, i, side))
-            if len(ids) > max_ref_seq_length:
-                what = f"{side} short reference sequence of turn {i}"
-                raise _over_length(record, what, len(ids), max_ref_seq_length)
-            short[side].append((ids, mask))
-    return TokenizedPair(
-        index=index,
-        chosen=long["chosen"][0],
-        rejected=long["rejected"][0],
-        chosen_response_mask=long["chosen"][1],
-        rejected_response_mask=long["rejected"][1],
-        ref_chosen=short["chosen"],
-        ref_rejected=short["rejected"],
-        record_id=record.id,
-    )
+    def render(pairs: Pairs, short: bool = False) -> ShortSeq:
+        return render_fast(tokenizer, pairs, None if short else first)
+
+    return assemble_pair(record, index, render, max_seq_length, max_ref_seq_length)
 
 
 def mask_to_spans(mask: Sequence[bool]) -> np.ndarray:

@@ -9,7 +9,7 @@ assistant = response_i. Sequences over a length limit are never truncated: they 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -69,16 +69,35 @@ def tokenize_record(
     max_ref_seq_length: int,
 ) -> TokenizedPair:
     """Tokenize one record; raises :class:`RecordError` (reason ``over_length``) when too long."""
+    return assemble_pair(
+        record,
+        index,
+        lambda pairs, short=False: render_chat(tokenizer, pairs),
+        max_seq_length,
+        max_ref_seq_length,
+    )
+
+
+def assemble_pair(
+    record: PreferenceRecord,
+    index: int,
+    render: Callable[..., ShortSeq],
+    max_seq_length: int,
+    max_ref_seq_length: int,
+) -> TokenizedPair:
+    """Both long sequences and every turn's short ones of ``record``, each rendered by
+    ``render(pairs, short=...)`` and checked against its length limit (records are never
+    truncated). Shared by today's renderer and the linear-time one (:mod:`.render`)."""
     long: dict[str, ShortSeq] = {}
     for side in ("chosen", "rejected"):
-        ids, mask = render_chat(tokenizer, long_pairs(record, side))
+        ids, mask = render(long_pairs(record, side))
         if len(ids) > max_seq_length:
             raise _over_length(record, f"{side} long sequence", len(ids), max_seq_length)
         long[side] = (ids, mask)
     short: dict[str, list[ShortSeq]] = {"chosen": [], "rejected": []}
     for i in range(len(record.turns)):
         for side in ("chosen", "rejected"):
-            ids, mask = render_chat(tokenizer, short_pairs(record, i, side))
+            ids, mask = render(short_pairs(record, i, side), short=True)
             if len(ids) > max_ref_seq_length:
                 what = f"{side} short reference sequence of turn {i}"
                 raise _over_length(record, what, len(ids), max_ref_seq_length)
