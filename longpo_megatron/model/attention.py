@@ -99,6 +99,8 @@ class LocalCoreAttention(MegatronModule):
     ) -> Tensor:
         cp = self.cp_group.size() if self.cp_group is not None else 1
         if isinstance(attention_mask, AttentionMask):
+            if attention_mask.branch is not None and attention_mask.query_index is None:
+                return self._attend_packed(query, key, value, attention_mask)
             return self._attend_blockwise(query, key, value, attention_mask)
         if cp > 1:
             raise ValueError(
@@ -119,6 +121,28 @@ class LocalCoreAttention(MegatronModule):
         v = value.permute(1, 2, 0, 3)
         out = blockwise_attention(q, k, v, mask, self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
+
+    def _attend_packed(
+        self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask
+    ) -> Tensor:
+        """Packed shared-prefix rows without CP, row by row: the shared prompt (the leading
+        branch-0 tokens) attends causally to itself through the flash path; the branch tokens
+        (short) attend to the whole row under the explicit branch mask."""
+        outs = []
+        for row in range(query.shape[1]):
+            branch = mask.branch[row]
+            shared = int((branch != 0).int().argmax()) if bool((branch != 0).any()) else 0
+            if bool((branch[shared:] == 0).any()):
+                raise ValueError("packed rows must hold their shared prompt first")
+            q, k, v = (t[:, row : row + 1] for t in (query, key, value))
+            parts = []
+            if shared:
+                parts.append(self._attend_sdpa(q[:shared], k[:shared], v[:shared], None, _CAUSAL))
+            rest = torch.arange(shared, q.shape[0], device=q.device)
+            allowed = mask.allowed(rest, torch.arange(k.shape[0], device=q.device))[row : row + 1]
+            parts.append(self._attend_sdpa(q[shared:], k, v, ~allowed, _CAUSAL))
+            outs.append(torch.cat(parts))
+        return torch.cat(outs, dim=1)
 
     def _attend_sdpa(
         self,
@@ -145,6 +169,9 @@ class LocalCoreAttention(MegatronModule):
             scale=self.softmax_scale,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
+
+
+_CAUSAL = AttnMaskType.causal
 
 
 class RecomputedLocalCoreAttention(LocalCoreAttention):
