@@ -475,6 +475,7 @@ class Trainer:
             seq_multiple=self.layout.seq_multiple,
             nll_scope=cfg.longpo.nll_scope,
             reference_view=view_of(cfg.longpo.loss) if online else None,
+            shared_prefix=cfg.data.shared_prefix,
         )
 
     def _throughput(self, stats: BatchStats, seconds: float) -> dict[str, float]:

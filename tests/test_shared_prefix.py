@@ -167,3 +167,20 @@ def check_packed_attention(device: str, seq: int, prefixes: tuple[int, ...], bra
 
 def test_packed_attention_matches_blockwise_kernel():
     check_packed_attention("cpu", 256, (100, 37), 50)
+
+
+def test_packed_flops_count_the_prompt_once(turn_data):
+    """The MFU counter under data.shared_prefix: linear FLOPs of k + c + r tokens and the
+    attended pairs of the packed mask, counted by brute force over the mask itself."""
+    from longpo_megatron.context_parallel import packed_attention_mask
+    from longpo_megatron.data.collate import collate_shared_prefix
+    from longpo_megatron.flops import Dims, forward_flops
+    from longpo_megatron.step_stats import packed_forward_flops
+
+    dims = Dims(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=160, vocab=264)
+    pair = _dataset(turn_data)[1]
+    batch = collate_shared_prefix([pair], 256)
+    real = len(pair.chosen) + len(pair.rejected) - int((batch["branch"][0] == 0).sum())
+    idx = torch.arange(real)
+    attended = int(packed_attention_mask(batch).allowed(idx, idx).sum())
+    assert packed_forward_flops(dims, [pair], 7) == forward_flops(dims, real, attended, 7)
