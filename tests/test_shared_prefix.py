@@ -184,3 +184,42 @@ def test_packed_flops_count_the_prompt_once(turn_data):
     idx = torch.arange(real)
     attended = int(packed_attention_mask(batch).allowed(idx, idx).sum())
     assert packed_forward_flops(dims, [pair], 7) == forward_flops(dims, real, attended, 7)
+
+
+def test_plan_knows_the_packed_layout():
+    """longpo-plan with --shared-prefix-branch: fewer FLOPs and activations than two
+    sequences, TE attention not assumed, and a bad branch length is one clear error."""
+    from dataclasses import replace
+
+    from longpo_megatron import flops
+    from longpo_megatron.plan import (
+        PlanError,
+        PlanRequest,
+        estimate,
+        layouts,
+        load_model,
+        plan,
+        step_flops,
+    )
+
+    two = PlanRequest(load_model("qwen2_5_7b"), seq_len=131072, gpus=8, gpu_mem_gib=141)
+    packed = replace(two, shared_prefix_branch=1024, reference="precomputed")
+    two = replace(two, reference="precomputed")
+    dims = flops.Dims.of(two.model)
+    prompt_pairs = flops.shared_prefix_pairs(131072 - 1024, [1024, 1024])
+    want = flops.forward_flops(dims, 8 * (131072 + 1024), 8 * prompt_pairs, 16 * 131072)
+    ref = flops.sequences_forward_flops(dims, [32768] * 16, 16 * 32768)
+    assert step_flops(packed) == pytest.approx(flops.step_flops(want, ref), rel=1e-12)
+    assert step_flops(packed) - 3 * want == pytest.approx(ref, rel=1e-9)  # reference unchanged
+    assert 3 * want < 0.55 * (step_flops(two) - ref)
+    lay = [x for x in layouts(two)[0] if x.cp > 1][0]
+    # gpu engine: packed rows run the project attention (more saved per token than TE's)
+    assert estimate(packed, lay).activations < 0.65 * estimate(two, lay).activations
+    cpu = dict(engine="cpu")  # same attention on both sides: about half
+    ratio = (
+        estimate(replace(packed, **cpu), lay).activations
+        / estimate(replace(two, **cpu), lay).activations
+    )
+    assert 0.5 < ratio < 0.55
+    with pytest.raises(PlanError, match="shared-prefix-branch"):
+        plan(replace(two, shared_prefix_branch=131072))
