@@ -7,6 +7,9 @@ synthetic pair (one prompt, two responses of ``--response`` tokens) is trained a
 Activation memory is the bytes of the distinct tensors (parameters excluded) autograd saves
 for backward during the forward + loss (what a step holds at its peak besides weights,
 gradients and optimizer state).
+The ``authors`` row is the step as the LongPO authors' code does it (a transformers model of the
+same dims, chosen and rejected as a batch of two with full logits, the reference forward on the
+short prompts every step); ratios are against the project's two-sequence step.
 Goal (issue 13): packed ≥ 1.8× faster and ≤ 0.55× activation memory at ratio ≥ 16.
 """
 
@@ -66,6 +69,66 @@ def _step_seconds(engine, step, batch, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _authors_step(pair, short: int, steps: int) -> tuple[float, int]:
+    """The step as the authors' code does it: a transformers model of the same dims, chosen
+    and rejected as a batch of two with full logits, and the frozen reference's forward on the
+    two short prompts (``short`` tokens + the responses) every step. (seconds, activation bytes)"""
+    import copy
+
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=264,
+        max_position_embeddings=32768,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.tensor([pair.chosen, pair.rejected])
+    resp = torch.tensor([pair.chosen_response_mask, pair.rejected_response_mask])[:, 1:].float()
+    response = int(resp[0].sum())
+    short_ids = torch.cat([tokens[:, :short], tokens[:, -response:]], dim=1)
+
+    def logps(m, ids, mask):
+        logits = m(ids).logits[:, :-1].float()
+        lp = torch.gather(F.log_softmax(logits, -1), 2, ids[:, 1:, None]).squeeze(-1)
+        return (lp * mask).sum(-1), lp
+
+    def step() -> torch.Tensor:
+        with torch.no_grad():
+            ref_sums, _ = logps(ref, short_ids, torch.ones(2, short_ids.shape[1] - 1))
+        sums, lp = logps(model, tokens, resp)
+        delta = 0.1 * ((sums[0] - ref_sums[0]) - (sums[1] - ref_sums[1]))
+        return -lp[0].mean() - F.logsigmoid(delta)
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    opt.zero_grad()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step().backward()
+        opt.step()
+        opt.zero_grad()
+    return (time.perf_counter() - t0) / steps, sum(seen.values())
+
+
 def _setup():
     import torch.distributed as dist
 
@@ -97,6 +160,10 @@ def main() -> None:
     ap.add_argument("--ratios", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--response", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument(
+        "--no-authors", dest="authors", action="store_false", help="skip the transformers row"
+    )
+    ap.add_argument("--short", type=int, default=128, help="short reference prompt (authors)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model, engine, step = _setup()
@@ -115,6 +182,9 @@ def main() -> None:
                 _step_seconds(engine, step, batch, args.steps),
                 mem,
             )
+        if args.authors:
+            secs, mem = _authors_step(pair, args.short, args.steps)
+            rows["authors"] = (2 * len(pair.chosen), secs, mem)
         base_t, base_m = rows["two-seq"][1], rows["two-seq"][2]
         for name, (tokens, secs, mem) in rows.items():
             print(
