@@ -223,3 +223,52 @@ def test_plan_knows_the_packed_layout():
     assert 0.5 < ratio < 0.55
     with pytest.raises(PlanError, match="shared-prefix-branch"):
         plan(replace(two, shared_prefix_branch=131072))
+
+
+class _OneRank:
+    """A CP group of one (sequence_sums reduces nothing)."""
+
+    def size(self) -> int:
+        return 1
+
+
+def _fake_logps(batch: dict, k: list[int]) -> torch.Tensor:
+    """Per-label log-probs that depend on the label, its position and (after the shared
+    prompt) its side, as a real model's would: identical for the shared prompt in both rows."""
+    rows, seq = batch["labels"].shape
+    pairs = len(k)
+    packed = "branch" in batch
+    side = batch["branch"] if packed else torch.zeros(rows, seq, dtype=torch.int64)
+    if not packed:
+        for r in range(rows):
+            side[r, k[r % pairs] :] = 1 if r < pairs else 2
+    pos = batch["position_ids"]
+    return -(0.01 * batch["labels"] + 0.003 * pos + 0.5 * side).float().sin().abs()
+
+
+@pytest.mark.parametrize("scope", ["full", "response"])
+def test_packed_sums_equal_two_sequence_sums(turn_data, scope):
+    """Every per-pair sum the objective sees (responses, NLL numerator and count, sft_kl's KL
+    terms) is the same from packed rows as from two sequences."""
+    from longpo_megatron.data.collate import (
+        collate_pairs,
+        collate_shared_prefix,
+        place_chosen_token_values,
+        shared_prefix_length,
+    )
+    from longpo_megatron.loss.layer import sequence_sums, unpack_shared_prefix
+
+    dataset = _dataset(turn_data)
+    pairs = [dataset[i] for i in range(4)]
+    k = [shared_prefix_length(p) for p in pairs]
+    scores = [(-1.0 - i, -2.0 - i) for i in range(4)]
+    ref_tok = [torch.linspace(-1, 0, sum(p.chosen_response_mask[1:])) for p in pairs]
+    sums = []
+    for collate in (collate_pairs, collate_shared_prefix):
+        batch = place_chosen_token_values(collate(pairs, 256, 8, scores), ref_tok)
+        logp, rows = unpack_shared_prefix(_fake_logps(batch, k), batch)
+        sums.append(sequence_sums(logp, rows, scope, _OneRank()))
+    two, packed = sums
+    for field in ("policy_chosen", "policy_rejected", "nll_sum", "nll_count", "kl_sum"):
+        assert torch.allclose(getattr(packed, field), getattr(two, field), rtol=1e-6), field
+    assert torch.equal(packed.ref_rejected, two.ref_rejected)
