@@ -192,6 +192,11 @@ class DataConfig:
     validation_fraction: float = 0.0
     """Fraction of the records of path held out for validation (a seeded split, taken out of
     training) when validation_path is null; 0 = no split."""
+    shared_prefix: bool = False
+    """Pack each pair as one sequence [shared prompt | chosen branch | rejected branch]: the
+    document and first instruction are held (and computed) once, each branch attends to it and
+    causally to itself, never to the other (docs/design.md). Needs the project attention
+    (model.attention_backend local or auto)."""
 
 
 @dataclass

@@ -184,6 +184,8 @@ def _resolve_engine(cfg: Config, cuda_available: bool) -> str:
 def _resolve_attention(cfg: Config, engine: str, cuda_available: bool) -> str:
     backend = cfg.model.attention_backend
     cp = cfg.parallel.context_parallel_size
+    if cfg.data.shared_prefix:
+        return _shared_prefix_attention(backend)
     if backend == "te":
         if engine != "gpu":
             why = "CUDA is not available" if not cuda_available else "parallel.engine is 'cpu'"
@@ -201,6 +203,17 @@ def _resolve_attention(cfg: Config, engine: str, cuda_available: bool) -> str:
     if backend == "auto":
         return "te" if engine == "gpu" and te_available() else "local"
     return backend
+
+
+def _shared_prefix_attention(backend: str) -> str:
+    """data.shared_prefix needs the branch mask, which only the project attention reads."""
+    if backend == "te":
+        raise ConfigError(
+            "data.shared_prefix=true with model.attention_backend='te': the packed layout's "
+            "branch mask is not implemented for TransformerEngine attention "
+            "(use model.attention_backend=local or auto, or data.shared_prefix=false)"
+        )
+    return "local"
 
 
 def _resolve_precision(cfg: Config, engine: str, cuda_available: bool) -> str:

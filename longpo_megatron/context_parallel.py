@@ -24,6 +24,7 @@ SEQUENCE_KEYS = (
     "response_mask",
     "real_mask",
     "ref_token_logps",
+    "branch",
 )
 """Micro-batch entries that have a sequence dimension (dim 1) and are split across CP ranks."""
 
@@ -43,8 +44,14 @@ def local_token_index(seq_len: int, cp_rank: int, cp_size: int, device=None) -> 
 
 
 def split_batch(batch: dict[str, Any], cp_rank: int, cp_size: int) -> dict[str, Any]:
-    """This CP rank's part of a micro-batch, with an ``attention_mask`` naming its tokens."""
+    """This CP rank's part of a micro-batch, with an ``attention_mask`` naming its tokens.
+
+    Packed rows (``branch`` present, ``data.shared_prefix``) carry their layout in the mask at
+    any CP size: causal in position order, branches apart. Their branches sit at the end of the
+    row and are split with the tokens, so the split stays balanced."""
     if cp_size == 1:
+        if "branch" in batch:
+            return dict(batch, attention_mask=packed_attention_mask(batch))
         return batch
     seq_len = batch["tokens"].shape[1]
     index = local_token_index(seq_len, cp_rank, cp_size, device=batch["tokens"].device)
@@ -53,8 +60,17 @@ def split_batch(batch: dict[str, Any], cp_rank: int, cp_size: int) -> dict[str, 
         if key in batch:
             out[key] = batch[key].index_select(1, index)
     rows = batch["tokens"].shape[0]
-    out["attention_mask"] = AttentionMask.causal(rows, seq_len, index.device).with_queries(index)
+    if "branch" in batch:
+        mask = packed_attention_mask(batch)
+    else:
+        mask = AttentionMask.causal(rows, seq_len, index.device)
+    out["attention_mask"] = mask.with_queries(index)
     return out
+
+
+def packed_attention_mask(batch: dict[str, Any]) -> AttentionMask:
+    """The global mask of packed rows: order = position ids, branch = branch ids."""
+    return AttentionMask(order=batch["position_ids"], branch=batch["branch"])
 
 
 class _GatherSequence(torch.autograd.Function):

@@ -78,6 +78,19 @@ class PlanRequest:
     """Model FLOPs utilisation assumed for the step time."""
     peak_flops: float = flops.PEAK_FLOPS["h100"]
     """Dense bf16 peak FLOP/s of one GPU."""
+    shared_prefix_branch: Optional[int] = None
+    """data.shared_prefix: tokens of each branch after the shared prompt (one packed row of
+    S + branch tokens per pair, project attention); null = two sequences of S per pair."""
+
+    @property
+    def packed(self) -> bool:
+        """Pairs run as packed shared-prefix rows."""
+        return self.shared_prefix_branch is not None
+
+    @property
+    def tokens_per_pair(self) -> int:
+        """Policy tokens of one pair: 2·S, or S + branch when packed."""
+        return self.seq_len + self.shared_prefix_branch if self.packed else 2 * self.seq_len
 
 
 @dataclass(frozen=True)
@@ -168,17 +181,28 @@ def backward_working(m: ModelConfig, lay: Layout, sp: bool) -> float:
 def activation_bytes(req: PlanRequest, lay: Layout, in_flight: int, sp: bool) -> float:
     """Saved activations of the heaviest stage plus the backward working set."""
     m = req.model
-    backend = "te" if req.engine == "gpu" else "local"
+    backend = "te" if req.engine == "gpu" and not req.packed else "local"
     dtype = 2 if req.engine == "gpu" else 4
-    tokens = 2 * req.micro_batch * req.seq_len / lay.cp
+    tokens = req.micro_batch * req.tokens_per_pair / lay.cp
     layers = m.num_layers // lay.pp
     working = tokens * backward_working(m, lay, sp) * dtype
     if req.recompute == "full":  # each layer's input; one layer recomputed in backward
         one_layer = saved_per_token(m, lay, sp, backend, "none", req.micro_batch)
         inputs = layers * m.hidden_size / (lay.tp if sp else 1)
-        return (in_flight * inputs + one_layer) * tokens * dtype + working
+        mask = packed_mask_bytes(req, lay, 1)
+        return (in_flight * inputs + one_layer) * tokens * dtype + working + mask
     layer = saved_per_token(m, lay, sp, backend, req.recompute, req.micro_batch)
-    return in_flight * tokens * layers * layer * dtype + working
+    mask = packed_mask_bytes(req, lay, in_flight * layers)
+    return in_flight * tokens * layers * layer * dtype + working + mask
+
+
+def packed_mask_bytes(req: PlanRequest, lay: Layout, layers: int) -> float:
+    """Packed rows without CP: the fp32 branch mask [2·branch, S + branch] the attention
+    kernel saves per layer (under CP the blockwise kernel saves none)."""
+    if not req.packed or lay.cp > 1 or req.recompute == "selective":
+        return 0.0
+    branch = req.shared_prefix_branch
+    return layers * req.micro_batch * 2 * branch * req.tokens_per_pair * 4.0
 
 
 def loss_bytes(req: PlanRequest, lay: Layout) -> float:
@@ -258,6 +282,11 @@ def step_flops(req: PlanRequest) -> float:
     dims = flops.Dims.of(req.model)
     rows = 2 * req.global_batch
     policy = flops.sequences_forward_flops(dims, [req.seq_len] * rows, rows * req.seq_len)
+    if req.packed:  # the prompt once; each branch attends to it and to itself
+        b = req.shared_prefix_branch
+        pairs = flops.shared_prefix_pairs(req.seq_len - b, [b, b]) * req.global_batch
+        tokens = req.tokens_per_pair * req.global_batch
+        policy = flops.forward_flops(dims, tokens, pairs, rows * req.seq_len)
     ref_len = req.ref_seq_len or min(req.seq_len, 32768)
     reference = flops.sequences_forward_flops(dims, [ref_len] * rows, rows * ref_len)
     return flops.step_flops(policy, reference)
@@ -279,6 +308,11 @@ def plan(req: PlanRequest) -> tuple[list[PlanRow], PlanRow]:
         raise PlanError(
             f"seq_len={req.seq_len}, gpus={req.gpus}, gpu_mem={req.gpu_mem_gib} GiB, "
             f"mfu={req.mfu}: need positive sizes and 0 < mfu <= 1"
+        )
+    if req.packed and not 0 < req.shared_prefix_branch < req.seq_len:
+        raise PlanError(
+            f"--shared-prefix-branch={req.shared_prefix_branch}: must be between 1 and "
+            f"seq_len-1={req.seq_len - 1} (a branch is the part of S after the shared prompt)"
         )
     found, why = layouts(req)
     if not found:
@@ -344,6 +378,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--logits-chunk", type=int, default=1024)
     p.add_argument("--gpu", choices=sorted(flops.PEAK_FLOPS), default="h100", help="peak FLOP/s")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for step time")
+    p.add_argument(
+        "--shared-prefix-branch",
+        type=int,
+        default=None,
+        help="data.shared_prefix: tokens of each branch after the shared prompt",
+    )
     return p
 
 
@@ -367,11 +407,12 @@ def _report(req: PlanRequest, rows: list[PlanRow], best: PlanRow) -> str:
     lay = best.layout
     lines += [
         f"FLOPs per step: {total:.3e} ({req.global_batch} pairs); step time at MFU "
-        f"{req.mfu:.0%}: {seconds:.1f} s ({2 * req.global_batch * req.seq_len / seconds:,.0f} "
+        f"{req.mfu:.0%}: {seconds:.1f} s ({req.global_batch * req.tokens_per_pair / seconds:,.0f} "
         "tokens/s)",
         f"recommended: {lay} -> parallel.tensor_model_parallel_size={lay.tp} "
         f"parallel.pipeline_model_parallel_size={lay.pp} parallel.context_parallel_size={lay.cp}"
-        f" train.micro_batch_size={req.micro_batch} train.global_batch_size={req.global_batch}",
+        f" train.micro_batch_size={req.micro_batch} train.global_batch_size={req.global_batch}"
+        + (" data.shared_prefix=true model.attention_backend=local" if req.packed else ""),
     ]
     return "\n".join(lines)
 
@@ -396,6 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gpus_per_node=a.gpus_per_node,
         mfu=a.mfu,
         peak_flops=flops.PEAK_FLOPS[a.gpu],
+        shared_prefix_branch=a.shared_prefix_branch,
     )
     rows, best = plan(req)
     print(_report(req, rows, best))

@@ -12,11 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from longpo_megatron.data.collate import padded_length
+from longpo_megatron.data.collate import padded_length, shared_prefix_length
 from longpo_megatron.data.dataset import PreferenceDataset
 from longpo_megatron.data.sampler import slice_for_dp
 from longpo_megatron.data.tokenize import TokenizedPair
-from longpo_megatron.flops import Dims, sequences_forward_flops
+from longpo_megatron.flops import (
+    Dims,
+    forward_flops,
+    sequences_forward_flops,
+    shared_prefix_pairs,
+)
 from longpo_megatron.reference.sequences import reference_items
 
 
@@ -73,6 +78,18 @@ def _padded_tokens(
     return total
 
 
+def packed_forward_flops(dims: Dims, pairs: Sequence[TokenizedPair], logits: int) -> float:
+    """FLOPs of one forward over packed rows [shared prompt | chosen | rejected]
+    (``data.shared_prefix``): the prompt once, each branch attending to it and to itself."""
+    tokens = attended = 0
+    for p in pairs:
+        k = shared_prefix_length(p)
+        branches = [len(p.chosen) - k, len(p.rejected) - k]
+        tokens += k + sum(branches)
+        attended += shared_prefix_pairs(k, branches)
+    return forward_flops(dims, tokens, attended, logits)
+
+
 def reference_forward_flops(dims: Dims, dataset: PreferenceDataset, indices, view: str) -> float:
     """FLOPs of the reference's forward over the sequences it scores for ``indices``."""
     items = reference_items(dataset, indices, view)
@@ -91,9 +108,11 @@ def global_batch_stats(
     seq_multiple: int,
     nll_scope: str,
     reference_view: Optional[str] = None,
+    shared_prefix: bool = False,
 ) -> BatchStats:
     """Statistics and model FLOPs of the global batch ``indices`` (``reference_view``: count the
-    reference forward too, for the view it scores)."""
+    reference forward too, for the view it scores; ``shared_prefix``: the policy runs packed
+    rows, :func:`packed_forward_flops`). Token counts stay those of the two long sequences."""
     pairs = [dataset[i] for i in indices]
     lengths = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
     logits = sum(logit_count(p, nll_scope) for p in pairs)
@@ -107,6 +126,10 @@ def global_batch_stats(
         padded_tokens=_padded_tokens(pairs, dp_size, micro_batch_size, seq_multiple),
         min_len=min(lengths),
         max_len=max(lengths),
-        policy_forward_flops=sequences_forward_flops(dims, lengths, logits),
+        policy_forward_flops=(
+            packed_forward_flops(dims, pairs, logits)
+            if shared_prefix
+            else sequences_forward_flops(dims, lengths, logits)
+        ),
         reference_forward_flops=ref,
     )

@@ -21,7 +21,11 @@ from longpo_megatron import checkpoint, distributed
 from longpo_megatron.config import Config
 from longpo_megatron.config_validation import ConfigError, ResolvedLayout, check_dataset_size
 from longpo_megatron.context_parallel import split_batch
-from longpo_megatron.data.collate import collate_pairs, place_chosen_token_values
+from longpo_megatron.data.collate import (
+    collate_pairs,
+    collate_shared_prefix,
+    place_chosen_token_values,
+)
 from longpo_megatron.data.dataset import PreferenceDataset
 from longpo_megatron.data.preprocess import prepared_for_run
 from longpo_megatron.data.sampler import PairSampler, slice_for_dp
@@ -411,7 +415,8 @@ class Trainer:
         out = []
         for lo in range(0, len(mine), mbs):
             chunk = mine[lo : lo + mbs]
-            batch = collate_pairs(
+            collate = collate_shared_prefix if self.cfg.data.shared_prefix else collate_pairs
+            batch = collate(
                 [dataset[i] for i in chunk],
                 self.tokenizer.pad_id,
                 self.layout.seq_multiple,
@@ -470,6 +475,7 @@ class Trainer:
             seq_multiple=self.layout.seq_multiple,
             nll_scope=cfg.longpo.nll_scope,
             reference_view=view_of(cfg.longpo.loss) if online else None,
+            shared_prefix=cfg.data.shared_prefix,
         )
 
     def _throughput(self, stats: BatchStats, seconds: float) -> dict[str, float]:

@@ -410,3 +410,11 @@ def test_te_attention_matches_project_attention(groups):
     want = ours(q, k, v, None)
     assert got.shape == want.shape
     assert rel_err(got.float(), want.float()) <= 1e-2
+
+
+def test_packed_shared_prefix_attention_matches_blockwise_kernel():
+    """data.shared_prefix rows on CUDA: the project attention's packed path (flash prompt,
+    masked branches) vs the blockwise kernel, two rows with different prompt lengths."""
+    from test_shared_prefix import check_packed_attention
+
+    check_packed_attention("cuda", 4096, (3000, 1111), 400)

@@ -71,6 +71,16 @@ def collate_pairs(
     rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     masks = [p.chosen_response_mask for p in pairs] + [p.rejected_response_mask for p in pairs]
     batch = _rows_to_tensors(rows, masks, pad_id, pad_to_multiple)
+    _add_pair_fields(batch, pairs, ref_logps)
+    return batch
+
+
+def _add_pair_fields(
+    batch: dict[str, torch.Tensor],
+    pairs: Sequence[TokenizedPair],
+    ref_logps: Optional[Sequence[tuple[float, float]]],
+) -> None:
+    """``pair_index`` [B] and, when scored, ``ref_logps`` [2B] (chosen sums, then rejected)."""
     batch["pair_index"] = torch.tensor([p.index for p in pairs], dtype=torch.int64)
     if ref_logps is not None:
         if len(ref_logps) != len(pairs):
@@ -78,6 +88,70 @@ def collate_pairs(
         chosen = [float(c) for c, _ in ref_logps]
         rejected = [float(r) for _, r in ref_logps]
         batch["ref_logps"] = torch.tensor(chosen + rejected, dtype=torch.float64).float()
+
+
+def shared_prefix_length(pair: TokenizedPair) -> int:
+    """Tokens of ``pair`` held once in the packed layout: the longest common token prefix of
+    its chosen and rejected long sequences, cut at the first response token of either (so the
+    shared part is document + first instruction and never holds a response label), minus one:
+    the last common token starts each branch, because it predicts each branch's first token."""
+    limit = min(len(pair.chosen), len(pair.rejected))
+    common = 0
+    while common < limit and pair.chosen[common] == pair.rejected[common]:
+        common += 1
+    for mask in (pair.chosen_response_mask, pair.rejected_response_mask):
+        first = next((t for t, r in enumerate(mask) if r), len(mask))
+        common = min(common, first)
+    return max(common - 1, 0)
+
+
+def _packed_row(pair: TokenizedPair) -> tuple[list[int], list[bool], list[int], list[int]]:
+    """One pair as [shared | chosen branch | rejected branch]: ids, per-token response mask,
+    position ids (both branches continue from the shared part) and branch ids (0/1/2)."""
+    k = shared_prefix_length(pair)
+    c, r = len(pair.chosen) - k, len(pair.rejected) - k
+    ids = pair.chosen + pair.rejected[k:]
+    mask = pair.chosen_response_mask + pair.rejected_response_mask[k:]
+    positions = list(range(k + c)) + list(range(k, k + r))
+    branch = [0] * k + [SHARED_CHOSEN] * c + [SHARED_REJECTED] * r
+    return ids, mask, positions, branch
+
+
+SHARED_CHOSEN = 1
+"""Branch id of the chosen branch in the packed layout (0 = the shared prompt)."""
+SHARED_REJECTED = 2
+"""Branch id of the rejected branch (padding joins it: nothing real attends to padding)."""
+
+
+def collate_shared_prefix(
+    pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    pad_to_multiple: int = 1,
+    ref_logps: Optional[Sequence[tuple[float, float]]] = None,
+) -> dict[str, torch.Tensor]:
+    """Collate B pairs into B packed rows ``[shared prompt | chosen branch | rejected branch]``
+    (``data.shared_prefix``; layout in docs/design.md). Labels never cross a branch boundary:
+    each branch's last token has no label. ``branch`` [B, S] says which branch each token (and
+    so each label position) is in; ``ref_logps`` keeps the two-sequence [2B] order."""
+    packed = [_packed_row(p) for p in pairs]
+    batch = _rows_to_tensors(
+        [p[0] for p in packed], [p[1] for p in packed], pad_id, pad_to_multiple
+    )
+    seq = batch["tokens"].shape[1]
+    branch = torch.full((len(pairs), seq), SHARED_REJECTED, dtype=torch.int64)
+    for row, (ids, _, positions, br) in enumerate(packed):
+        n = len(ids)
+        branch[row, :n] = torch.tensor(br, dtype=torch.int64)
+        tail = positions[-1] + 1
+        batch["position_ids"][row] = torch.tensor(
+            positions + list(range(tail, tail + seq - n)), dtype=torch.int64
+        )
+        cut = len(pairs[row].chosen) - 1  # last chosen token: its label is not the next token
+        batch["labels"][row, cut] = pad_id
+        batch["response_mask"][row, cut] = 0.0
+        batch["real_mask"][row, cut] = 0.0
+    batch["branch"] = branch
+    _add_pair_fields(batch, pairs, ref_logps)
     return batch
 
 
@@ -106,8 +180,11 @@ def place_chosen_token_values(
     batch: dict[str, torch.Tensor], values: Sequence[torch.Tensor], key: str = "ref_token_logps"
 ) -> dict[str, torch.Tensor]:
     """Lay per-token values of each pair's chosen responses onto the chosen rows' response
-    label positions (in order) as ``batch[key]`` ``[2B, S]`` (0 elsewhere)."""
+    label positions (in order) as ``batch[key]`` ``[2B, S]`` (0 elsewhere); on packed rows
+    (``branch`` present) onto the chosen branch's, as ``[B, S]``."""
     resp = batch["response_mask"]
+    if "branch" in batch:  # packed rows: the chosen branch's responses only
+        resp = resp * (batch["branch"] == SHARED_CHOSEN)
     out = torch.zeros(resp.shape, dtype=torch.float32)
     for row, vals in enumerate(values):
         pos = resp[row].nonzero().squeeze(-1)

@@ -19,6 +19,7 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 from torch import Tensor
 
 from longpo_megatron.config import LongPOConfig
+from longpo_megatron.data.collate import SHARED_REJECTED
 from longpo_megatron.loss.logprobs import token_logprobs
 from longpo_megatron.loss.objective import PairSums, longpo_objective, token_kl
 
@@ -82,11 +83,32 @@ def sequence_sums(
     )
 
 
+def unpack_shared_prefix(logp: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+    """Packed rows ``[B, s]`` (``data.shared_prefix``) as the two-sequence rows ``[2B, s]`` the
+    sums are taken over: the chosen row keeps the shared prompt and the chosen branch (so
+    ``nll_scope=full`` counts the prompt once, as today), the rejected row its own branch (the
+    shared prompt holds no response label). Identity for two-sequence batches."""
+    if "branch" not in batch:
+        return logp, batch
+    branch = batch["branch"]
+    keep = torch.cat([branch != SHARED_REJECTED, branch == SHARED_REJECTED]).to(logp.dtype)
+    out = {k: torch.cat([batch[k], batch[k]]) * keep for k in ("response_mask", "real_mask")}
+    if "ref_token_logps" in batch:
+        ref = batch["ref_token_logps"]
+        out["ref_token_logps"] = torch.cat([ref, torch.zeros_like(ref)])
+    out["ref_logps"] = batch["ref_logps"]
+    return torch.cat([logp, logp]) * keep, out
+
+
 def logit_positions(batch: dict[str, Tensor], nll_scope: str) -> Tensor:
     """Which label positions need the output layer: responses of every row (rewards and
     metrics for every loss variant), plus all real tokens of chosen rows under
     ``nll_scope=full``. Prompt tokens of rejected rows are never projected."""
     select = batch["response_mask"].bool().clone()
+    if "branch" in batch:  # packed: one row per pair; its chosen part is all but the rejected
+        if nll_scope == "full":
+            select |= batch["real_mask"].bool() & (batch["branch"] != SHARED_REJECTED)
+        return select
     pairs = select.shape[0] // 2
     if nll_scope == "full":
         select[:pairs] |= batch["real_mask"][:pairs].bool()
@@ -114,7 +136,8 @@ class LongPOLossLayer:
             self.groups.tp,
             self.groups.sequence_parallel,
         )
-        sums = sequence_sums(logp, batch, cfg.nll_scope, self.groups.cp)
+        logp, rows = unpack_shared_prefix(logp, batch)
+        sums = sequence_sums(logp, rows, cfg.nll_scope, self.groups.cp)
         per_pair, metrics = longpo_objective(sums, cfg.beta, cfg.lam, cfg.preference_loss, cfg.loss)
         reduced = {k: metrics[k].sum().reshape(1) for k in METRIC_KEYS}
         reduced["pairs"] = torch.tensor([float(per_pair.numel())], device=per_pair.device)

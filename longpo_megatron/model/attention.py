@@ -99,6 +99,8 @@ class LocalCoreAttention(MegatronModule):
     ) -> Tensor:
         cp = self.cp_group.size() if self.cp_group is not None else 1
         if isinstance(attention_mask, AttentionMask):
+            if attention_mask.branch is not None and attention_mask.query_index is None:
+                return self._attend_packed(query, key, value, attention_mask)
             return self._attend_blockwise(query, key, value, attention_mask)
         if cp > 1:
             raise ValueError(
@@ -119,6 +121,58 @@ class LocalCoreAttention(MegatronModule):
         v = value.permute(1, 2, 0, 3)
         out = blockwise_attention(q, k, v, mask, self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
+
+    def _attend_packed(
+        self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask
+    ) -> Tensor:
+        """Packed shared-prefix rows without CP, row by row: the shared prompt (the leading
+        branch-0 tokens) attends causally to itself through the flash path; the branch tokens
+        (short) attend to the whole row under the explicit branch mask. K/V heads are expanded
+        once per row and shared by both calls (one saved copy). The branch mask is dense,
+        ``[branch tokens, S]``, and saved by the kernel: fine for responses of ~10² tokens on
+        CPU; the long-context GPU path is FlexAttention (docs/design.md)."""
+        nh, groups = query.shape[2], key.shape[2]
+        drop = self.dropout_p if self.training else 0.0
+        outs = []
+        for row in range(query.shape[1]):
+            branch = mask.branch[row]
+            shared = int((branch != 0).int().argmax()) if bool((branch != 0).any()) else 0
+            if bool((branch[shared:] == 0).any()):
+                raise ValueError("packed rows must hold their shared prompt first")
+            q = query[:, row].permute(1, 0, 2).unsqueeze(0)  # [1, np, s, hn]
+            k, v = (
+                t[:, row].permute(1, 0, 2).unsqueeze(0).repeat_interleave(nh // groups, dim=1)
+                for t in (key, value)
+            )
+            rest = torch.arange(shared, q.shape[2], device=q.device)
+            allowed = mask.allowed(rest, torch.arange(k.shape[2], device=q.device))[row : row + 1]
+            parts = (
+                []
+                if not shared
+                else [
+                    F.scaled_dot_product_attention(
+                        q[:, :, :shared],
+                        k[:, :, :shared],
+                        v[:, :, :shared],
+                        dropout_p=drop,
+                        is_causal=True,
+                        scale=self.softmax_scale,
+                    )
+                ]
+            )
+            parts.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, shared:],
+                    k,
+                    v,
+                    attn_mask=allowed,
+                    dropout_p=drop,
+                    scale=self.softmax_scale,
+                )
+            )
+            outs.append(torch.cat(parts, dim=2))
+        out = torch.cat(outs)  # [b, np, s, hn]
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
     def _attend_sdpa(
         self,

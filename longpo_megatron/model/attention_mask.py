@@ -51,8 +51,15 @@ class AttentionMask:
         return local if self.query_index is None else self.query_index[local]
 
     def block_is_empty(self, q_global: Tensor, k_global: Tensor) -> bool:
-        """True when no query of the block may see any key of the block (causal skip)."""
-        return bool(self.order[:, k_global].min() > self.order[:, q_global].max())
+        """True when no query of the block may see any key of the block: causal skip per
+        row, and (with branches) a key block wholly inside one branch that no query is in."""
+        ko, qo = self.order[:, k_global], self.order[:, q_global]
+        empty = ko.amin(-1) > qo.amax(-1)
+        if self.branch is not None:
+            kb, qb = self.branch[:, k_global], self.branch[:, q_global]
+            lo, hi = kb.amin(-1), kb.amax(-1)
+            empty |= (lo > 0) & (lo == hi) & ~(qb == lo.unsqueeze(-1)).any(-1)
+        return bool(empty.all())
 
     def allowed(self, q_global: Tensor, k_global: Tensor) -> Tensor:
         """[b, 1, len(q), len(k)] bool: may query i see key j."""

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from longpo_megatron.config import ModelConfig
 from longpo_megatron.distributed import ParallelGroups
+from longpo_megatron.model.attention_mask import AttentionMask
 from longpo_megatron.model.rope import DeviceAgnosticRotaryEmbedding
 from longpo_megatron.model.spec import layer_spec
 
@@ -71,6 +72,19 @@ class LongPOGPTModel(GPTModel):
 
     def _postprocess(self, hidden_states: Tensor, **kwargs) -> Tensor:  # noqa: D102
         return hidden_states
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):  # noqa: D102
+        # Packed shared-prefix rows (a mask with branches) need RoPE at their position ids:
+        # megatron's rotary embedding assumes 0..S-1 (both branches restart after the prompt).
+        packed = isinstance(attention_mask, AttentionMask) and attention_mask.branch is not None
+        rope = self.rotary_pos_emb if self.position_embedding_type == "rope" else None
+        if rope is not None and packed:
+            rope.positions = position_ids
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            if rope is not None:
+                rope.positions = None
 
     def output_weight(self) -> Tensor:
         """The (vocab-parallel) output projection ``[vocab/TP, hidden]`` used by the loss layer."""

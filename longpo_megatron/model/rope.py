@@ -54,12 +54,31 @@ class DeviceAgnosticRotaryEmbedding(RotaryEmbedding):
         packed_seq: bool = False,
         cp_group: Optional[dist.ProcessGroup] = None,
     ) -> Tensor:
+        if self.positions is not None:
+            return self.row_emb(self.positions)
         emb = self.get_emb(max_seq_len, offset)
         group = cp_group if cp_group is not None else self.cp_group
         if group is not None and group.size() > 1 and not packed_seq:
             index = local_token_index(max_seq_len, group.rank(), group.size(), emb.device)
             emb = emb.index_select(0, index)
         return emb
+
+    positions: Optional[Tensor] = None
+    """``[b, s]`` position ids of this rank's tokens when they are not 0..S−1 (packed
+    shared-prefix rows, set by :class:`~longpo_megatron.model.gpt.LongPOGPTModel` for one
+    forward); None = megatron's contiguous positions."""
+
+    def row_emb(self, positions: Tensor) -> Tensor:
+        """``[s, b, 1, dim]`` angles for per-row ``positions`` (megatron's formula, fp32)."""
+        seq = positions.to(device=self.inv_freq.device, dtype=self.inv_freq.dtype)
+        if self.seq_len_interpolation_factor is not None:
+            seq = seq * (1 / self.seq_len_interpolation_factor)
+        freqs = seq.t()[..., None] * self.inv_freq  # [s, b, dim/2]
+        if not self.rotary_interleaved:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        else:
+            emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
+        return emb[:, :, None, :]
 
     def to_device(self, device: torch.device) -> None:
         """Place the frequency table where the model runs (call after ``model.to``)."""
