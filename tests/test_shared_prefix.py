@@ -20,7 +20,7 @@ from parity_common import assert_matches_reference, parity_worker
 
 LAYOUTS = {  # name: (tp, pp, cp, slow)
     "cp1": (1, 1, 1, False),
-    "cp2": (1, 1, 2, False),
+    "cp2": (1, 1, 2, True),
     "tp2_cp2": (2, 1, 2, True),
     "pp2": (1, 2, 1, False),
 }
