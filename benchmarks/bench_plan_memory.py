@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from bench_context_parallel import _batch  # the same one-pair LongPO batch
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = dict(
     num_layers=4,
@@ -40,6 +42,8 @@ CASES = [
     (4096, 1, 2, 1, "none"),
 ]
 MMAP_THRESHOLD = 128 * 1024
+RESPONSE_TOKENS = 256
+"""Response tokens of the measured pair (the rest of the sequence is prompt)."""
 QUICK = [CASES[1], CASES[3], CASES[4], CASES[5]]
 
 
@@ -62,23 +66,6 @@ def _peak_bytes() -> float:
     return int(line.split()[1]) * 1024
 
 
-def _batch(seq: int):
-    import torch
-
-    torch.manual_seed(1)
-    tokens = torch.randint(0, 256, (2, seq))
-    mask = torch.zeros(2, seq)
-    mask[:, seq - 257 : seq - 1] = 1.0
-    return {
-        "tokens": tokens,
-        "position_ids": torch.arange(seq).expand(2, seq).contiguous(),
-        "labels": torch.roll(tokens, -1, 1),
-        "response_mask": mask,
-        "real_mask": torch.ones(2, seq),
-        "ref_logps": torch.tensor([-100.0, -110.0]),
-    }
-
-
 def measure_rank(rank: int, world: int, seq: int, tp: int, pp: int, cp: int, recompute: str):
     """Peak bytes a rank adds over two training steps of the case (run under dist_harness)."""
     import torch
@@ -95,7 +82,8 @@ def measure_rank(rank: int, world: int, seq: int, tp: int, pp: int, cp: int, rec
     dist.init_process_group("gloo")
     g = init_model_parallel(tp, pp, cp)
     step = make_train_forward_step(LongPOLossLayer(LongPOConfig(), LossGroups(g.tp, g.cp)))
-    batch = split_batch(_batch(seq), g.cp_rank, cp)
+    torch.manual_seed(1)
+    batch = split_batch(_batch(seq, RESPONSE_TOKENS), g.cp_rank, cp)
     before = _rss_bytes()
     _reset_peak()
     torch.manual_seed(0)
