@@ -146,3 +146,33 @@ def reshard_worker(
         out["bad_shape_error"] = str(e)
     w.close()
     return out
+
+
+def common_write_fails_worker(rank: int, world: int, *, data: str, tmp: str) -> str:
+    """Rank 0 cannot write ``common.pt`` (ENOSPC): every rank must raise the same named error
+    instead of the others waiting in the sharded save until the collective timeout."""
+    import errno
+
+    from longpo_megatron import checkpoint
+    from longpo_megatron.checkpoint.paths import CheckpointError
+
+    trainer = make_trainer(world, make_config(2, 1, data, tmp))
+    if rank == 0:
+        real_save = torch.save
+
+        def full_disk(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            name = str(getattr(f, "name", f))
+            if name.endswith("common.pt"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+            real_save(obj, f, *args, **kwargs)
+
+        torch.save = full_disk
+    try:
+        checkpoint.save(
+            f"{tmp}/ckpt", 1, trainer.model, trainer.groups, optimizer=trainer.engine.optimizer
+        )
+    except CheckpointError as e:
+        return str(e)
+    finally:
+        trainer.close()
+    return "saved"

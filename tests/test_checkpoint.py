@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_workers import reshard_worker, resume_worker
+from checkpoint_workers import common_write_fails_worker, reshard_worker, resume_worker
 from dist_harness import run_distributed
 
 from longpo_megatron import checkpoint
@@ -243,3 +243,16 @@ def test_preemption_handler_records_signals():
 def test_read_tensors_reports_missing_keys(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"\.metadata: missing"):
         storage.read_tensors(tmp_path, keys=["model.x"])
+
+
+@pytest.mark.distributed
+def test_rank0_common_write_failure_stops_every_rank(small_data, tmp_path):
+    """megatron writes common.pt on rank 0 alone: a full disk there must stop every rank with
+    one named error, not leave rank 1 waiting in the sharded save (the harness times out)."""
+    out = run_distributed(
+        common_write_fails_worker, 2, timeout_s=120, data=small_data, tmp=str(tmp_path)
+    )
+    for msg in out:
+        assert "failed: rank 0: No space left on device" in msg, msg
+        assert "common.pt" in msg, msg
+    assert not (tmp_path / "ckpt" / "latest").exists()

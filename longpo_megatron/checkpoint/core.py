@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -131,18 +133,13 @@ def save(
         async_writer.wait()  # one save in flight; its .tmp must survive clear_leftovers
     final = root / paths.iter_dir_name(step)
     tmp = final.with_name(final.name + paths.TMP_SUFFIX)
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        paths.clear_leftovers(root)
-        tmp.mkdir()
-    dist.barrier()
     common = {
         "train_state": train_state if train_state is not None else _empty_train_state(),
         "reference_table": reference_table,
         "config": config,
         **(extra or {}),
     }
+    _on_rank0_agreed(partial(_prepare_tmp, root, tmp, common), f"preparing {tmp}")
     to_save = _save_state(kind, model, groups, optimizer, common)
     if async_writer is not None:
         strategy = async_writer.strategy(getattr(groups, "dp_cp", None))
@@ -164,10 +161,54 @@ def _publish(root: Path, tmp: Path, final: Path, keep_last: int, checksums: bool
     Shared by synchronous and async saves."""
     if checksums:
         integrity.write_manifest(tmp, use_dist=True)  # collective; before publication
+    publish = partial(_publish_and_prune, root, tmp, final, keep_last)
+    _on_rank0_agreed(publish, f"publishing {final}")
+
+
+def _publish_and_prune(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Rank 0's part of :func:`_publish`."""
+    paths.publish(root, tmp, final)
+    paths.prune(root, keep_last)
+
+
+def _prepare_tmp(root: Path, tmp: Path, common: dict[str, Any]) -> None:
+    """Rank 0: create ``tmp`` and write the common state into it once as a probe.
+
+    megatron writes ``common.pt`` on rank 0 alone, outside any collective; if that write failed
+    (full disk, quota, read-only mount) rank 0 would raise while the other ranks wait in the
+    sharded save until the collective timeout. Writing the same state here first, where the
+    failure is agreed on by every rank, turns that hang into one named error on every rank.
+    megatron overwrites the probe with its own copy.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    paths.clear_leftovers(root)
+    tmp.mkdir()
+    probe = tmp / storage.COMMON_FILE
+    with open(probe, "wb") as f:
+        torch.save(common, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _on_rank0_agreed(fn: Callable[[], None], what: str) -> None:
+    """Run ``fn`` on rank 0 and let every rank raise the same error if it failed with an
+    ``OSError`` (collective; replaces a barrier). Other exceptions are bugs and propagate on
+    rank 0 after the others were told to stop."""
+    failure: list[Optional[str]] = [None]
+    error: Optional[BaseException] = None
     if dist.get_rank() == 0:
-        paths.publish(root, tmp, final)
-        paths.prune(root, keep_last)
-    dist.barrier()
+        try:
+            fn()
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            failure[0] = f"{what} failed: rank 0: {e.strerror or e}{where}"
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the agreement
+            failure[0], error = f"{what} failed on rank 0 ({type(e).__name__}: {e})", e
+    dist.broadcast_object_list(failure, src=0)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise CheckpointError(failure[0])
 
 
 def _alias(key: str, stored: dict[str, Any]) -> str:
