@@ -288,17 +288,25 @@ def test_user_error_slow(slow_results, name):
     _check(slow_results, name)
 
 
-def test_error_line_is_the_first_line_of_a_real_process():
+@pytest.mark.parametrize(
+    "module, argv, line",
+    [
+        ("longpo_megatron.train", ["optim.lr=inf"],
+         "error: optim.lr=inf: must be a finite number (not inf or nan)"),
+        ("longpo_megatron.reference.cli", [],
+         "error: longpo-ref-logps: set reference.path=<output .jsonl>"),
+    ],
+)  # fmt: skip
+def test_error_line_is_the_first_line_of_a_real_process(module, argv, line):
     """No import-time warning precedes the error line of a real ``python -m`` start."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("LONGPO_REF_LOGPS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "longpo_megatron.train", "optim.lr=inf"], env=env,
+        [sys.executable, "-m", module, *argv], env=env,
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [
-        "error: optim.lr=inf: must be a finite number (not inf or nan)"
-    ]
+    assert proc.stderr.splitlines() == [line]
 
 
 def test_nonfinite_guard_and_refused_save():

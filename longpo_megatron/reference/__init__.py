@@ -13,16 +13,23 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
+from longpo_megatron.process import silence_fallback_warnings
 
-from longpo_megatron.config import Config
-from longpo_megatron.data.dataset import PreferenceDataset
-from longpo_megatron.distributed import ParallelGroups
-from longpo_megatron.model.gpt import ModelLayout
-from longpo_megatron.reference.scorer import ReferenceScorer, pair_sums
-from longpo_megatron.reference.sequences import fingerprint, reference_items, view_of
-from longpo_megatron.reference.store import ReferenceStoreError, load_store
-from longpo_megatron.schedule.forward_step import unwrap
+# This package is the import path of the ``longpo-ref-logps`` entry point and imports megatron
+# at import time: hide megatron's "not installed, falling back" notes first, as every other
+# entry point does, so that a user error is the first line printed.
+silence_fallback_warnings()
+
+import torch  # noqa: E402
+
+from longpo_megatron.config import Config  # noqa: E402
+from longpo_megatron.data.dataset import PreferenceDataset  # noqa: E402
+from longpo_megatron.distributed import ParallelGroups  # noqa: E402
+from longpo_megatron.model.gpt import ModelLayout  # noqa: E402
+from longpo_megatron.reference.scorer import ReferenceScorer, pair_sums  # noqa: E402
+from longpo_megatron.reference.sequences import fingerprint, reference_items, view_of  # noqa: E402
+from longpo_megatron.reference.store import ReferenceStoreError, load_store  # noqa: E402
+from longpo_megatron.schedule.forward_step import unwrap  # noqa: E402
 
 __all__ = [
     "ReferenceScorer",
