@@ -23,7 +23,7 @@ BYTE_TOKENIZER_VOCAB = 264
 
 ALLOWED: dict[str, tuple[Any, ...]] = {
     "model.family": ("llama", "mistral", "qwen2"),
-    "model.attention_backend": ("auto", "local", "te"),
+    "model.attention_backend": ("auto", "local", "flex", "te"),
     "model.recompute": ("none", "selective", "full"),
     "model.rope_scaling": ("none", "llama3", "yarn"),
     "model.reference_rope_scaling": (None, "none", "llama3", "yarn"),
@@ -99,7 +99,7 @@ class ResolvedLayout:
     precision: str
     """fp32 | bf16"""
     attention_backend: str
-    """local | te"""
+    """local | flex | te"""
 
     @property
     def world_size(self) -> int:
@@ -184,8 +184,10 @@ def _resolve_engine(cfg: Config, cuda_available: bool) -> str:
 def _resolve_attention(cfg: Config, engine: str, cuda_available: bool) -> str:
     backend = cfg.model.attention_backend
     cp = cfg.parallel.context_parallel_size
+    if backend == "flex":
+        return _flex_attention(engine)
     if cfg.data.shared_prefix:
-        return _shared_prefix_attention(backend)
+        return _shared_prefix_attention(backend, engine)
     if backend == "te":
         if engine != "gpu":
             why = "CUDA is not available" if not cuda_available else "parallel.engine is 'cpu'"
@@ -205,15 +207,30 @@ def _resolve_attention(cfg: Config, engine: str, cuda_available: bool) -> str:
     return backend
 
 
-def _shared_prefix_attention(backend: str) -> str:
-    """data.shared_prefix needs the branch mask, which only the project attention reads."""
+def _flex_attention(engine: str) -> str:
+    """FlexAttention is compiled to Triton kernels on the gpu engine (eager on cpu)."""
+    if engine == "gpu" and importlib.util.find_spec("triton") is None:
+        raise ConfigError(
+            "model.attention_backend='flex' on the gpu engine but triton is not importable: "
+            "torch.compile(flex_attention) needs it (install the CUDA torch wheel, which "
+            "brings triton, or use model.attention_backend=local)"
+        )
+    return "flex"
+
+
+def _shared_prefix_attention(backend: str, engine: str) -> str:
+    """data.shared_prefix needs the branch mask, which only the project attention reads:
+    FlexAttention on the gpu engine under ``auto``, the local attention otherwise."""
     if backend == "te":
         raise ConfigError(
-            "data.shared_prefix=true with model.attention_backend='te': the packed layout's "
-            "branch mask is not implemented for TransformerEngine attention "
-            "(use model.attention_backend=local or auto, or data.shared_prefix=false)"
+            "data.shared_prefix=true with model.attention_backend='te': TransformerEngine "
+            "attention cannot read the packed layout's branch mask; use "
+            "model.attention_backend=flex (FlexAttention, the GPU path for packed rows), "
+            "local or auto, or data.shared_prefix=false"
         )
-    return "local"
+    if backend == "auto":
+        return _flex_attention(engine) if engine == "gpu" else "local"
+    return backend
 
 
 def _resolve_precision(cfg: Config, engine: str, cuda_available: bool) -> str:
