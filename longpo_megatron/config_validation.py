@@ -117,6 +117,12 @@ def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def triton_available() -> bool:
+    """Whether Triton (what compiled FlexAttention runs on CUDA) can be imported (a hook tests
+    can patch)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _check_enums(cfg: Config) -> None:
     for key, allowed in ALLOWED.items():
         value = _get(cfg, key)
@@ -209,7 +215,7 @@ def _resolve_attention(cfg: Config, engine: str, cuda_available: bool) -> str:
 
 def _flex_attention(engine: str) -> str:
     """FlexAttention is compiled to Triton kernels on the gpu engine (eager on cpu)."""
-    if engine == "gpu" and importlib.util.find_spec("triton") is None:
+    if engine == "gpu" and not triton_available():
         raise ConfigError(
             "model.attention_backend='flex' on the gpu engine but triton is not importable: "
             "torch.compile(flex_attention) needs it (install the CUDA torch wheel, which "

@@ -233,3 +233,42 @@ def check_flex_attention(device: str, seq: int, prefixes: tuple[int, ...], branc
         order[r, k + branch :] = torch.arange(k, k + seq - k - branch)
     mask = AttentionMask(order=order, branch=br).to(device)
     _check_module(_core(FlexCoreAttention).to(device), mask, device=device)
+
+
+def _resolved(cuda: bool, triton: bool, monkeypatch, **keys) -> str:
+    from longpo_megatron import config_validation
+    from longpo_megatron.config import Config
+
+    monkeypatch.setattr(config_validation, "triton_available", lambda: triton)
+    monkeypatch.setattr(config_validation, "te_available", lambda: True)
+    cfg = Config()
+    for key, value in keys.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return config_validation.validate_config(cfg, 1, cuda).attention_backend
+
+
+def test_config_resolves_flex(monkeypatch):
+    """flex is a validated choice; packed rows pick it on the gpu engine under auto."""
+    from longpo_megatron.config_validation import ConfigError
+
+    assert _resolved(False, False, monkeypatch, model__attention_backend="flex") == "flex"
+    assert _resolved(True, True, monkeypatch, model__attention_backend="flex") == "flex"
+    assert _resolved(True, True, monkeypatch, data__shared_prefix=True) == "flex"
+    assert _resolved(False, False, monkeypatch, data__shared_prefix=True) == "local"
+    assert _resolved(True, True, monkeypatch) == "te"  # plain rows: TE stays the gpu default
+    with pytest.raises(ConfigError, match="'flex' on the gpu engine but triton"):
+        _resolved(True, False, monkeypatch, model__attention_backend="flex")
+    with pytest.raises(ConfigError, match="model.attention_backend='bogus'.*'flex'"):
+        _resolved(False, False, monkeypatch, model__attention_backend="bogus")
+
+
+def test_flex_layer_spec_uses_flex_core_attention():
+    from longpo_megatron.model.attention import FlexCoreAttention, RecomputedFlexCoreAttention
+    from longpo_megatron.model.spec import layer_spec
+
+    def core(recompute):
+        return layer_spec("flex", recompute).submodules.self_attention.submodules.core_attention
+
+    assert core("none") is FlexCoreAttention
+    assert core("selective") is RecomputedFlexCoreAttention

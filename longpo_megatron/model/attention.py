@@ -135,7 +135,7 @@ class LocalCoreAttention(MegatronModule):
         branch decomposition merged by log-sum-exp (:mod:`.branch_attention`); on CUDA
         FlexAttention with the block-sparse mask (:mod:`.flex_attention`)."""
         if self.training and self.dropout_p > 0:
-            raise ValueError("LocalCoreAttention: packed rows do not support attention dropout")
+            raise ValueError("LocalCoreAttention: packed rows need attention_dropout=0")
         if query.is_cuda:
             return self._attend_flex(query, key, value, mask)
         return packed_attention(query, key, value, mask, self.softmax_scale)
@@ -199,7 +199,7 @@ class FlexCoreAttention(LocalCoreAttention):
         mask_type: AttnMaskType,
     ) -> Tensor:
         if self.training and self.dropout_p > 0:
-            raise ValueError("FlexCoreAttention: attention dropout is not supported")
+            raise ValueError("FlexCoreAttention: attention_dropout must be 0")
         if not isinstance(attention_mask, AttentionMask):
             if self.cp_group is not None and self.cp_group.size() > 1:
                 raise ValueError(
