@@ -148,7 +148,8 @@ class LocalCoreAttention(MegatronModule):
             key = gather_sequence(key, mask.query_index, self.cp_group)
             value = gather_sequence(value, mask.query_index, self.cp_group)
         sq, b, nh, hn = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        # value.contiguous(): see branch_attention.packed_attention (no fused-QKV buffer kept)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value.contiguous()))
         out = flex_attend(q, k, v, mask, self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
 

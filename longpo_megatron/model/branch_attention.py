@@ -95,6 +95,9 @@ def packed_attention(query: Tensor, key: Tensor, value: Tensor, mask: AttentionM
     ``[s, b, np·hn]``; rows are packed shared-prefix rows described by ``mask``."""
     s, b, nh, hn = query.shape
     groups = key.shape[2]
+    # megatron's value is a view into the fused QKV projection output: saving views of it
+    # would keep all of q, k, v (pre-RoPE) alive per layer; a compact copy keeps v only
+    value = value.contiguous()
     outs = []
     for row in range(b):
         q = query[:, row].permute(1, 0, 2).reshape(groups, nh // groups, s, hn)
