@@ -19,7 +19,12 @@ from test_shared_prefix import _dataset, turn_data  # noqa: F401  (fixture)
 
 from longpo_megatron.context_parallel import local_token_index, packed_attention_mask
 from longpo_megatron.model.attention_mask import AttentionMask
-from longpo_megatron.model.flex_attention import block_classes, flex_attend, flex_block_mask
+from longpo_megatron.model.flex_attention import (
+    _ordered,
+    block_classes,
+    flex_attend,
+    flex_block_mask,
+)
 
 HEADS, GROUPS, DIM = 4, 2, 16
 
@@ -209,16 +214,12 @@ def test_compiled_cpu_kernel_uses_the_block_mask():
     idx = torch.arange(seq)
     assert rel_err(got, _plain(q, k, v, mask.allowed(idx, idx), 0.25)) <= 1e-5
     _, full = block_classes(mask, seq, seq)
+    no_partial = _ordered(torch.zeros_like(full))
     full_only = BlockMask.from_kv_blocks(
-        *_counts(full), *_counts(full), BLOCK_SIZE=128, mask_mod=block_mask.mask_mod
+        *no_partial, *_ordered(full), BLOCK_SIZE=128, mask_mod=block_mask.mask_mod
     )
     wrong = kernel(q, k, v, block_mask=full_only, scale=0.25, enable_gqa=True)
     assert rel_err(wrong, got) > 1e-2
-
-
-def _counts(select: torch.Tensor):
-    idx = torch.argsort((~select).to(torch.int8), dim=-1, stable=True)
-    return select.sum(-1, dtype=torch.int32)[:, None], idx.to(torch.int32)[:, None]
 
 
 def check_flex_attention(

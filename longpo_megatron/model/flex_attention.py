@@ -1,6 +1,7 @@
-"""FlexAttention core attention: any :class:`AttentionMask` as a block-sparse ``BlockMask``.
+"""FlexAttention for any :class:`AttentionMask`, as a block-sparse ``BlockMask``.
 
-``model.attention_backend=flex`` (and packed shared-prefix rows on CUDA under ``local``) runs
+``FlexCoreAttention`` (``model.attention_backend=flex``, model/attention.py) and the local
+attention's packed shared-prefix rows on CUDA run
 ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built straight from the mask's
 per-token ``order``/``branch``/``segment`` ids, never from a dense ``[S × S]`` (or branch × S)
 mask: each (query block, key block) pair is classified from per-block min/max of those ids as
@@ -32,7 +33,7 @@ _compiled = None
 
 
 def _kernel():
-    """``flex_attention`` compiled once per process (CUDA); the eager function elsewhere."""
+    """``flex_attention`` compiled once per process (the CUDA path)."""
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(flex_attention)
