@@ -191,7 +191,7 @@ def _resolve_attention(cfg: Config, engine: str, cuda_available: bool) -> str:
     backend = cfg.model.attention_backend
     cp = cfg.parallel.context_parallel_size
     if backend == "flex":
-        return _flex_attention(engine)
+        return _flex_attention(engine, "model.attention_backend='flex'")
     if cfg.data.shared_prefix:
         return _shared_prefix_attention(backend, engine)
     if backend == "te":
@@ -213,13 +213,13 @@ def _resolve_attention(cfg: Config, engine: str, cuda_available: bool) -> str:
     return backend
 
 
-def _flex_attention(engine: str) -> str:
+def _flex_attention(engine: str, what: str) -> str:
     """FlexAttention is compiled to Triton kernels on the gpu engine (eager on cpu)."""
     if engine == "gpu" and not triton_available():
         raise ConfigError(
-            "model.attention_backend='flex' on the gpu engine but triton is not importable: "
+            f"{what} runs FlexAttention on the gpu engine but triton is not importable: "
             "torch.compile(flex_attention) needs it (install the CUDA torch wheel, which "
-            "brings triton, or use model.attention_backend=local)"
+            "brings triton)"
         )
     return "flex"
 
@@ -234,8 +234,11 @@ def _shared_prefix_attention(backend: str, engine: str) -> str:
             "model.attention_backend=flex (FlexAttention, the GPU path for packed rows), "
             "local or auto, or data.shared_prefix=false"
         )
+    what = f"data.shared_prefix=true with model.attention_backend={backend!r}"
     if backend == "auto":
-        return _flex_attention(engine) if engine == "gpu" else "local"
+        return _flex_attention(engine, what) if engine == "gpu" else "local"
+    if engine == "gpu":  # local: packed rows on CUDA run FlexAttention too
+        _flex_attention(engine, what)
     return backend
 
 

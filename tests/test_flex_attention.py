@@ -267,8 +267,18 @@ def test_config_resolves_flex(monkeypatch):
     assert _resolved(True, True, monkeypatch, data__shared_prefix=True) == "flex"
     assert _resolved(False, False, monkeypatch, data__shared_prefix=True) == "local"
     assert _resolved(True, True, monkeypatch) == "te"  # plain rows: TE stays the gpu default
-    with pytest.raises(ConfigError, match="'flex' on the gpu engine but triton"):
+    with pytest.raises(ConfigError, match="'flex' runs FlexAttention on the gpu engine but triton"):
         _resolved(True, False, monkeypatch, model__attention_backend="flex")
+    with pytest.raises(ConfigError, match="shared_prefix=true with .*'local' runs FlexAttention"):
+        _resolved(
+            True, False, monkeypatch, data__shared_prefix=True, model__attention_backend="local"
+        )
+    assert (
+        _resolved(
+            True, True, monkeypatch, data__shared_prefix=True, model__attention_backend="local"
+        )
+        == "local"
+    )
     with pytest.raises(ConfigError, match="model.attention_backend='bogus'.*'flex'"):
         _resolved(False, False, monkeypatch, model__attention_backend="bogus")
 
