@@ -5,7 +5,7 @@ labels never crossing a branch) and the attention mask. The parity tests train 3
 packed pairs at CP=1, CP=2, TP=2×CP=2 and PP=2 and compare reference scores, loss, every metric,
 grad-norm, step-1 gradients and final weights (fp32, 1e-5 relative) with the independent
 reference implementation run on the TWO-sequence layout (tests/reference_impl.py), on records
-of 1 and 3 turns; with the local attention and with FlexAttention (CP=1, CP=2).
+of 1 and 3 turns; with the local attention and with FlexAttention (all four layouts).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ LAYOUTS = {  # name: (tp, pp, cp, slow, model.attention_backend)
     "pp2": (1, 2, 1, False, "auto"),
     "flex_cp1": (1, 1, 1, False, "flex"),
     "flex_cp2": (1, 1, 2, True, "flex"),
+    "flex_tp2_cp2": (2, 1, 2, True, "flex"),
+    "flex_pp2": (1, 2, 1, True, "flex"),
 }
 
 
