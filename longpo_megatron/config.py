@@ -47,7 +47,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Std of the normal init for random (non-loaded) weights."""
     attention_backend: str = "auto"
-    """Core attention: auto (TE on CUDA when importable, else local) | local | te."""
+    """Core attention: auto (TE on CUDA when importable, else local; with data.shared_prefix:
+    flex on CUDA, else local) | local | flex (torch FlexAttention with a block-sparse mask:
+    compiled on CUDA, eager on CPU) | te."""
     recompute: str = "none"
     """Activation recomputation: none | selective (core attention) | full (whole layers)."""
     rope_scaling: str = "none"
@@ -196,7 +198,7 @@ class DataConfig:
     """Pack each pair as one sequence [shared prompt | chosen branch | rejected branch]: the
     document and first instruction are held (and computed) once, each branch attends to it and
     causally to itself, never to the other (docs/design.md). Needs the project attention
-    (model.attention_backend local or auto)."""
+    (model.attention_backend local, flex or auto)."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ BYTE_TOKENIZER_VOCAB = 264
 
 ALLOWED: dict[str, tuple[Any, ...]] = {
     "model.family": ("llama", "mistral", "qwen2"),
-    "model.attention_backend": ("auto", "local", "te"),
+    "model.attention_backend": ("auto", "local", "flex", "te"),
     "model.recompute": ("none", "selective", "full"),
     "model.rope_scaling": ("none", "llama3", "yarn"),
     "model.reference_rope_scaling": (None, "none", "llama3", "yarn"),
@@ -99,7 +99,7 @@ class ResolvedLayout:
     precision: str
     """fp32 | bf16"""
     attention_backend: str
-    """local | te"""
+    """local | flex | te"""
 
     @property
     def world_size(self) -> int:
@@ -115,6 +115,12 @@ def _get(cfg: Config, key: str) -> Any:
 def te_available() -> bool:
     """Whether TransformerEngine can be imported (a module-level hook tests can patch)."""
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def triton_available() -> bool:
+    """Whether Triton (what compiled FlexAttention runs on CUDA) can be imported (a hook tests
+    can patch)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _check_enums(cfg: Config) -> None:
@@ -184,8 +190,10 @@ def _resolve_engine(cfg: Config, cuda_available: bool) -> str:
 def _resolve_attention(cfg: Config, engine: str, cuda_available: bool) -> str:
     backend = cfg.model.attention_backend
     cp = cfg.parallel.context_parallel_size
+    if backend == "flex":
+        return _flex_attention(engine, "model.attention_backend='flex'")
     if cfg.data.shared_prefix:
-        return _shared_prefix_attention(backend)
+        return _shared_prefix_attention(backend, engine)
     if backend == "te":
         if engine != "gpu":
             why = "CUDA is not available" if not cuda_available else "parallel.engine is 'cpu'"
@@ -205,15 +213,33 @@ def _resolve_attention(cfg: Config, engine: str, cuda_available: bool) -> str:
     return backend
 
 
-def _shared_prefix_attention(backend: str) -> str:
-    """data.shared_prefix needs the branch mask, which only the project attention reads."""
+def _flex_attention(engine: str, what: str) -> str:
+    """FlexAttention is compiled to Triton kernels on the gpu engine (eager on cpu)."""
+    if engine == "gpu" and not triton_available():
+        raise ConfigError(
+            f"{what} runs FlexAttention on the gpu engine but triton is not importable: "
+            "torch.compile(flex_attention) needs it (install the CUDA torch wheel, which "
+            "brings triton)"
+        )
+    return "flex"
+
+
+def _shared_prefix_attention(backend: str, engine: str) -> str:
+    """data.shared_prefix needs the branch mask, which only the project attention reads:
+    FlexAttention on the gpu engine under ``auto``, the local attention otherwise."""
     if backend == "te":
         raise ConfigError(
-            "data.shared_prefix=true with model.attention_backend='te': the packed layout's "
-            "branch mask is not implemented for TransformerEngine attention "
-            "(use model.attention_backend=local or auto, or data.shared_prefix=false)"
+            "data.shared_prefix=true with model.attention_backend='te': TransformerEngine "
+            "attention cannot read the packed layout's branch mask; use "
+            "model.attention_backend=flex (FlexAttention, the GPU path for packed rows), "
+            "local or auto, or data.shared_prefix=false"
         )
-    return "local"
+    what = f"data.shared_prefix=true with model.attention_backend={backend!r}"
+    if backend == "auto":
+        return _flex_attention(engine, what) if engine == "gpu" else "local"
+    if engine == "gpu":  # local: packed rows on CUDA run FlexAttention too
+        _flex_attention(engine, what)
+    return backend
 
 
 def _resolve_precision(cfg: Config, engine: str, cuda_available: bool) -> str:

@@ -146,7 +146,10 @@ def saved_per_token(
     * norms + linear inputs: the local backend's torch RMSNorm keeps its input and normalised
       output, then QKV / fc1 keep the scaled output (3h per norm); TE's fused norm+linear keeps
       input and normalised output (2h). ÷TP under sequence parallelism;
-    * core attention: the local backend keeps q and k, v expanded to the query heads plus a
+    * core attention (``packed``: the project attention on shared-prefix rows, local norms and
+      MLP; without CP its prompt/branch kernels or FlexAttention keep q, k, v, the output and
+      a log-sum-exp, as TE does; under CP as local):
+      the local backend keeps q and k, v expanded to the query heads plus a
       log-sum-exp (its blockwise path under CP: q, the output, and k, v of the WHOLE sequence,
       gathered); TE keeps q, k, v, output and log-sum-exp; selective recompute keeps the
       core attention's inputs q, k, v instead;
@@ -161,7 +164,7 @@ def saved_per_token(
     norms = 2 * per_norm / (lay.tp if sp else 1) + 2
     if recompute == "selective":
         core = (nq + 2 * nkv) * d
-    elif backend == "te":
+    elif backend == "te" or (backend == "packed" and lay.cp == 1):
         core = 2 * nq * d + 2 * nkv * d + nq
     elif lay.cp > 1:
         core = 2 * nq * d + 2 * nkv * d * lay.cp + nq
@@ -181,7 +184,7 @@ def backward_working(m: ModelConfig, lay: Layout, sp: bool) -> float:
 def activation_bytes(req: PlanRequest, lay: Layout, in_flight: int, sp: bool) -> float:
     """Saved activations of the heaviest stage plus the backward working set."""
     m = req.model
-    backend = "te" if req.engine == "gpu" and not req.packed else "local"
+    backend = "packed" if req.packed else "te" if req.engine == "gpu" else "local"
     dtype = 2 if req.engine == "gpu" else 4
     tokens = req.micro_batch * req.tokens_per_pair / lay.cp
     layers = m.num_layers // lay.pp
@@ -189,20 +192,9 @@ def activation_bytes(req: PlanRequest, lay: Layout, in_flight: int, sp: bool) ->
     if req.recompute == "full":  # each layer's input; one layer recomputed in backward
         one_layer = saved_per_token(m, lay, sp, backend, "none", req.micro_batch)
         inputs = layers * m.hidden_size / (lay.tp if sp else 1)
-        mask = packed_mask_bytes(req, lay, 1)
-        return (in_flight * inputs + one_layer) * tokens * dtype + working + mask
+        return (in_flight * inputs + one_layer) * tokens * dtype + working
     layer = saved_per_token(m, lay, sp, backend, req.recompute, req.micro_batch)
-    mask = packed_mask_bytes(req, lay, in_flight * layers)
-    return in_flight * tokens * layers * layer * dtype + working + mask
-
-
-def packed_mask_bytes(req: PlanRequest, lay: Layout, layers: int) -> float:
-    """Packed rows without CP: the fp32 branch mask [2·branch, S + branch] the attention
-    kernel saves per layer (under CP the blockwise kernel saves none)."""
-    if not req.packed or lay.cp > 1 or req.recompute == "selective":
-        return 0.0
-    branch = req.shared_prefix_branch
-    return layers * req.micro_batch * 2 * branch * req.tokens_per_pair * 4.0
+    return in_flight * tokens * layers * layer * dtype + working
 
 
 def loss_bytes(req: PlanRequest, lay: Layout) -> float:
@@ -412,7 +404,8 @@ def _report(req: PlanRequest, rows: list[PlanRow], best: PlanRow) -> str:
         f"recommended: {lay} -> parallel.tensor_model_parallel_size={lay.tp} "
         f"parallel.pipeline_model_parallel_size={lay.pp} parallel.context_parallel_size={lay.cp}"
         f" train.micro_batch_size={req.micro_batch} train.global_batch_size={req.global_batch}"
-        + (" data.shared_prefix=true model.attention_backend=local" if req.packed else ""),
+        + (" data.shared_prefix=true model.attention_backend=" if req.packed else "")
+        + (("flex" if req.engine == "gpu" else "local") if req.packed else ""),
     ]
     return "\n".join(lines)
 

@@ -36,7 +36,13 @@ OPTIM = dict(
 
 
 def parity_config(
-    tp: int, pp: int, cp: int, data_path: str, out_dir: str, shared_prefix: bool = False
+    tp: int,
+    pp: int,
+    cp: int,
+    data_path: str,
+    out_dir: str,
+    shared_prefix: bool = False,
+    attention_backend: str = "auto",
 ):
     """The run every parity test trains: tiny Qwen2-like model (QKV bias), fp32, 3 steps."""
     from longpo_megatron.config import Config
@@ -60,6 +66,7 @@ def parity_config(
     cfg.logging.output_dir = out_dir
     cfg.logging.tensorboard = False
     cfg.data.shared_prefix = shared_prefix
+    cfg.model.attention_backend = attention_backend
     return cfg
 
 
@@ -73,12 +80,13 @@ def parity_worker(
     data_path: str,
     out_dir: str,
     shared_prefix: bool = False,
+    attention_backend: str = "auto",
 ) -> dict[str, Any]:
     """Train STEPS steps distributed; return gathered weights/grads (rank 0) and metrics."""
     from longpo_megatron.config_validation import validate_config
     from longpo_megatron.trainer import Trainer
 
-    cfg = parity_config(tp, pp, cp, data_path, out_dir, shared_prefix)
+    cfg = parity_config(tp, pp, cp, data_path, out_dir, shared_prefix, attention_backend)
     layout = validate_config(cfg, world_size=world, cuda_available=False)
     trainer = Trainer(cfg, layout).setup()
     g, layers = trainer.groups, cfg.model.num_layers

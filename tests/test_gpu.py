@@ -10,6 +10,8 @@
 - activation recompute (full, selective) leaves loss and gradients unchanged on CUDA;
 - a checkpoint saved on CUDA resumes bitwise on CPU (weights) and on CUDA (weights, optimizer);
 - the project attention on CUDA at 32K tokens matches the blockwise kernel;
+- packed shared-prefix rows through compiled FlexAttention (the local backend's CUDA packed
+  path and ``model.attention_backend=flex``) match the blockwise kernel / plain attention;
 - the TransformerEngine spec, when TE is importable: build, forward, backward, TE attention vs
   project attention.
 """
@@ -413,8 +415,16 @@ def test_te_attention_matches_project_attention(groups):
 
 
 def test_packed_shared_prefix_attention_matches_blockwise_kernel():
-    """data.shared_prefix rows on CUDA: the project attention's packed path (flash prompt,
-    masked branches) vs the blockwise kernel, two rows with different prompt lengths."""
+    """data.shared_prefix rows on CUDA: the project attention's packed path (compiled
+    FlexAttention, block-sparse mask) vs the blockwise kernel, two rows of different prompts."""
     from test_shared_prefix import check_packed_attention
 
     check_packed_attention("cuda", 4096, (3000, 1111), 400)
+
+
+def test_flex_backend_packed_rows_match_plain_attention():
+    """model.attention_backend=flex on CUDA (compiled flex_attention, Triton): packed rows of
+    8K tokens vs dense masked attention written out, fwd + bwd (grads 1e-4: fp32 atomics)."""
+    from test_flex_attention import check_flex_attention
+
+    check_flex_attention("cuda", 8192, (6000, 2500), 700, tol=1e-4)

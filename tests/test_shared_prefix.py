@@ -5,7 +5,7 @@ labels never crossing a branch) and the attention mask. The parity tests train 3
 packed pairs at CP=1, CP=2, TP=2×CP=2 and PP=2 and compare reference scores, loss, every metric,
 grad-norm, step-1 gradients and final weights (fp32, 1e-5 relative) with the independent
 reference implementation run on the TWO-sequence layout (tests/reference_impl.py), on records
-of 1 and 3 turns.
+of 1 and 3 turns; with the local attention and with FlexAttention (all four layouts).
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ import torch
 from dist_harness import run_distributed
 from parity_common import assert_matches_reference, parity_worker
 
-LAYOUTS = {  # name: (tp, pp, cp, slow)
-    "cp1": (1, 1, 1, False),
-    "cp2": (1, 1, 2, True),
-    "tp2_cp2": (2, 1, 2, True),
-    "pp2": (1, 2, 1, False),
+LAYOUTS = {  # name: (tp, pp, cp, slow, model.attention_backend)
+    "cp1": (1, 1, 1, False, "auto"),
+    "cp2": (1, 1, 2, True, "auto"),
+    "tp2_cp2": (2, 1, 2, True, "auto"),
+    "pp2": (1, 2, 1, False, "auto"),
+    "flex_cp1": (1, 1, 1, False, "flex"),
+    "flex_cp2": (1, 1, 2, True, "flex"),
+    "flex_tp2_cp2": (2, 1, 2, True, "flex"),
+    "flex_pp2": (1, 2, 1, True, "flex"),
 }
 
 
@@ -94,7 +98,7 @@ def test_te_attention_refused():
     cfg = Config()
     cfg.data.shared_prefix = True
     cfg.model.attention_backend = "te"
-    with pytest.raises(ConfigError, match="data.shared_prefix=true"):
+    with pytest.raises(ConfigError, match="data.shared_prefix=true.*attention_backend=flex"):
         validate_config(cfg, world_size=1, cuda_available=False)
 
 
@@ -104,7 +108,7 @@ def test_te_attention_refused():
     [pytest.param(n, marks=[pytest.mark.slow] if v[3] else []) for n, v in LAYOUTS.items()],
 )
 def test_shared_prefix_parity(name, turn_data, tmp_path):
-    tp, pp, cp, _ = LAYOUTS[name]
+    tp, pp, cp, _, backend = LAYOUTS[name]
     results = run_distributed(
         parity_worker,
         tp * pp * cp,
@@ -115,6 +119,7 @@ def test_shared_prefix_parity(name, turn_data, tmp_path):
         data_path=turn_data,
         out_dir=str(tmp_path),
         shared_prefix=True,
+        attention_backend=backend,
     )
     logged = assert_matches_reference(results, _dataset(turn_data), f"shared {name}")
     print(f"shared {name}: loss {logged['history'][-1]['loss']:.6f}")

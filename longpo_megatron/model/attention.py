@@ -6,8 +6,12 @@ GPU-only. The same code is the CPU path and a real CUDA path in the GPU test tie
 
 - plain causal, no CP: ``scaled_dot_product_attention(is_causal=True)`` (flash kernels on CPU
   and CUDA, O(S) memory);
+- packed shared-prefix rows, no CP: the mask-free prompt/branch decomposition merged by
+  log-sum-exp on CPU (:mod:`.branch_attention`), FlexAttention on CUDA (:mod:`.flex_attention`);
 - an :class:`AttentionMask` (segments / branches) or context parallelism: keys and values are
   all-gathered over the CP group and :func:`blockwise_attention` runs with recomputation.
+:class:`FlexCoreAttention` (``model.attention_backend=flex``) runs every row through
+FlexAttention instead.
 
 Why all-gather rather than a ring on this path: with GQA the gathered K/V of a layer is
 ``2·S·ng·hn`` values — for Mistral/Qwen (ng·hn = 1024/512, h = 4096/3584) that is ≤ 1/4 of a
@@ -34,6 +38,8 @@ from torch.utils.checkpoint import checkpoint
 from longpo_megatron.context_parallel import gather_sequence
 from longpo_megatron.model.attention_mask import AttentionMask
 from longpo_megatron.model.blockwise_attention import blockwise_attention
+from longpo_megatron.model.branch_attention import packed_attention
+from longpo_megatron.model.flex_attention import flex_attend
 
 
 class LocalCoreAttention(MegatronModule):
@@ -125,54 +131,27 @@ class LocalCoreAttention(MegatronModule):
     def _attend_packed(
         self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask
     ) -> Tensor:
-        """Packed shared-prefix rows without CP, row by row: the shared prompt (the leading
-        branch-0 tokens) attends causally to itself through the flash path; the branch tokens
-        (short) attend to the whole row under the explicit branch mask. K/V heads are expanded
-        once per row and shared by both calls (one saved copy). The branch mask is dense,
-        ``[branch tokens, S]``, and saved by the kernel: fine for responses of ~10² tokens on
-        CPU; the long-context GPU path is FlexAttention (docs/design.md)."""
-        nh, groups = query.shape[2], key.shape[2]
-        drop = self.dropout_p if self.training else 0.0
-        outs = []
-        for row in range(query.shape[1]):
-            branch = mask.branch[row]
-            shared = int((branch != 0).int().argmax()) if bool((branch != 0).any()) else 0
-            if bool((branch[shared:] == 0).any()):
-                raise ValueError("packed rows must hold their shared prompt first")
-            q = query[:, row].permute(1, 0, 2).unsqueeze(0)  # [1, np, s, hn]
-            k, v = (
-                t[:, row].permute(1, 0, 2).unsqueeze(0).repeat_interleave(nh // groups, dim=1)
-                for t in (key, value)
-            )
-            rest = torch.arange(shared, q.shape[2], device=q.device)
-            allowed = mask.allowed(rest, torch.arange(k.shape[2], device=q.device))[row : row + 1]
-            parts = (
-                []
-                if not shared
-                else [
-                    F.scaled_dot_product_attention(
-                        q[:, :, :shared],
-                        k[:, :, :shared],
-                        v[:, :, :shared],
-                        dropout_p=drop,
-                        is_causal=True,
-                        scale=self.softmax_scale,
-                    )
-                ]
-            )
-            parts.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, shared:],
-                    k,
-                    v,
-                    attn_mask=allowed,
-                    dropout_p=drop,
-                    scale=self.softmax_scale,
-                )
-            )
-            outs.append(torch.cat(parts, dim=2))
-        out = torch.cat(outs)  # [b, np, s, hn]
-        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+        """Packed shared-prefix rows without CP, with no mask tensor: on CPU the prompt /
+        branch decomposition merged by log-sum-exp (:mod:`.branch_attention`); on CUDA
+        FlexAttention with the block-sparse mask (:mod:`.flex_attention`)."""
+        if self.training and self.dropout_p > 0:
+            raise ValueError("LocalCoreAttention: packed rows need attention_dropout=0")
+        if query.is_cuda:
+            return self._attend_flex(query, key, value, mask)
+        return packed_attention(query, key, value, mask, self.softmax_scale)
+
+    def _attend_flex(
+        self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask
+    ) -> Tensor:
+        """FlexAttention over all-gathered K/V (CP) with ``mask`` as a block-sparse mask."""
+        if mask.query_index is not None:
+            key = gather_sequence(key, mask.query_index, self.cp_group)
+            value = gather_sequence(value, mask.query_index, self.cp_group)
+        sq, b, nh, hn = query.shape
+        # value.contiguous(): see branch_attention.packed_attention (no fused-QKV buffer kept)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value.contiguous()))
+        out = flex_attend(q, k, v, mask, self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
 
     def _attend_sdpa(
         self,
@@ -202,6 +181,39 @@ class LocalCoreAttention(MegatronModule):
 
 
 class RecomputedLocalCoreAttention(LocalCoreAttention):
+    """Selective recomputation: the attention's activations are recomputed in backward."""
+
+    recompute = True
+
+
+class FlexCoreAttention(LocalCoreAttention):
+    """``model.attention_backend=flex``: every row (plain causal, segments, packed branches,
+    CP-local queries against gathered K/V) through torch FlexAttention with a block-sparse
+    mask built from the :class:`AttentionMask` (:func:`.flex_attention.flex_attend`)."""
+
+    def _attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        mask_type: AttnMaskType,
+    ) -> Tensor:
+        if self.training and self.dropout_p > 0:
+            raise ValueError("FlexCoreAttention: attention_dropout must be 0")
+        if not isinstance(attention_mask, AttentionMask):
+            if self.cp_group is not None and self.cp_group.size() > 1:
+                raise ValueError(
+                    "FlexCoreAttention: context parallelism needs an AttentionMask carrying "
+                    "this rank's token indices (context_parallel.split_batch adds it)"
+                )
+            if attention_mask is not None or mask_type != AttnMaskType.causal:
+                raise ValueError("FlexCoreAttention: expects an AttentionMask or causal None")
+            attention_mask = AttentionMask.causal(query.shape[1], query.shape[0], query.device)
+        return self._attend_flex(query, key, value, attention_mask)
+
+
+class RecomputedFlexCoreAttention(FlexCoreAttention):
     """Selective recomputation: the attention's activations are recomputed in backward."""
 
     recompute = True

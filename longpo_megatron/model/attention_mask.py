@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+_ALL_ROWS = slice(None)
+
 
 @dataclass
 class AttentionMask:
@@ -61,13 +63,22 @@ class AttentionMask:
             empty |= (lo > 0) & (lo == hi) & ~(qb == lo.unsqueeze(-1)).any(-1)
         return bool(empty.all())
 
+    def _rule(self, q: Tensor, k: Tensor, rows=_ALL_ROWS) -> Tensor:
+        """The mask rule for global query/key indices ``q``/``k`` (broadcast against each
+        other and against ``rows`` of the batch, the first index of every id tensor)."""
+        ok = self.order[rows, k] <= self.order[rows, q]
+        if self.segment is not None:
+            ok = ok & (self.segment[rows, k] == self.segment[rows, q])
+        if self.branch is not None:
+            kb = self.branch[rows, k]
+            ok = ok & ((kb == 0) | (kb == self.branch[rows, q]))
+        return ok
+
     def allowed(self, q_global: Tensor, k_global: Tensor) -> Tensor:
         """[b, 1, len(q), len(k)] bool: may query i see key j."""
-        qo, ko = self.order[:, q_global], self.order[:, k_global]
-        ok = ko[:, None, :] <= qo[:, :, None]
-        if self.segment is not None:
-            ok &= self.segment[:, k_global][:, None, :] == self.segment[:, q_global][:, :, None]
-        if self.branch is not None:
-            kb, qb = self.branch[:, k_global][:, None, :], self.branch[:, q_global][:, :, None]
-            ok &= (kb == 0) | (kb == qb)
-        return ok.unsqueeze(1)
+        return self._rule(q_global[:, None], k_global[None, :]).unsqueeze(1)
+
+    def allows(self, row: Tensor, q_global: Tensor, k_global: Tensor) -> Tensor:
+        """Elementwise: may query ``q_global`` of batch row ``row`` see key ``k_global``
+        (FlexAttention's ``mask_mod`` contract: scalar index tensors)."""
+        return self._rule(q_global, k_global, row)

@@ -33,7 +33,7 @@ class ModelLayout:
     cp: int
     sequence_parallel: bool
     attention_backend: str
-    """local | te"""
+    """local | flex | te"""
     engine: str
     """cpu | gpu"""
     precision: str
@@ -213,7 +213,7 @@ def build_model(
         rope_scaling=m,
         pg_collection=groups.pg_collection,
     )
-    model.takes_mask_spec = layout.attention_backend == "local"
+    model.takes_mask_spec = layout.attention_backend != "te"
     if layout.engine == "gpu":
         model = model.cuda(torch.cuda.current_device())
         model.rotary_pos_emb.to_device(next(model.parameters()).device)

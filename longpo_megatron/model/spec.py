@@ -5,6 +5,9 @@ Variants are chosen here, in spec functions, not by ``if`` branches inside modul
   attention (runs on CPU and CUDA). Recomputation on this path is chosen by module variant
   (:class:`RecomputedTransformerLayer`, :class:`RecomputedLocalCoreAttention`), because megatron's
   own checkpoint function forks the CUDA RNG tracker.
+- ``flex``: the ``local`` layer with FlexAttention core attention
+  (:class:`~longpo_megatron.model.attention.FlexCoreAttention`): every mask as a block-sparse
+  ``BlockMask``; the long-context path for packed shared-prefix rows on GPUs.
 - ``te``: megatron's TransformerEngine spec (GPU clusters); recomputation is configured on
   ``TransformerConfig`` and run by megatron.
 """
@@ -23,7 +26,12 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from torch.utils.checkpoint import checkpoint
 
-from longpo_megatron.model.attention import LocalCoreAttention, RecomputedLocalCoreAttention
+from longpo_megatron.model.attention import (
+    FlexCoreAttention,
+    LocalCoreAttention,
+    RecomputedFlexCoreAttention,
+    RecomputedLocalCoreAttention,
+)
 
 
 class RecomputedTransformerLayer(TransformerLayer):
@@ -35,10 +43,18 @@ class RecomputedTransformerLayer(TransformerLayer):
         return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
 
 
-def local_layer_spec(recompute: str = "none") -> ModuleSpec:
-    """Mistral/Llama/Qwen2 decoder layer from megatron-core modules + project attention."""
+CORE_ATTENTION = {
+    "local": (LocalCoreAttention, RecomputedLocalCoreAttention),
+    "flex": (FlexCoreAttention, RecomputedFlexCoreAttention),
+}
+"""Project core attention per backend: (plain, selectively recomputed)."""
+
+
+def local_layer_spec(recompute: str = "none", attention: str = "local") -> ModuleSpec:
+    """Mistral/Llama/Qwen2 decoder layer from megatron-core modules + project attention
+    (``attention``: local or flex core attention)."""
     layer = RecomputedTransformerLayer if recompute == "full" else TransformerLayer
-    core = RecomputedLocalCoreAttention if recompute == "selective" else LocalCoreAttention
+    core = CORE_ATTENTION[attention][recompute == "selective"]
     return ModuleSpec(
         module=layer,
         submodules=TransformerLayerSubmodules(
@@ -77,9 +93,9 @@ def te_layer_spec() -> ModuleSpec:
 
 
 def layer_spec(attention_backend: str, recompute: str) -> ModuleSpec:
-    """The spec for a resolved attention backend (``local`` or ``te``)."""
+    """The spec for a resolved attention backend (``local``, ``flex`` or ``te``)."""
     if attention_backend == "te":
         return te_layer_spec()
-    if attention_backend == "local":
-        return local_layer_spec(recompute)
-    raise ValueError(f"model.attention_backend={attention_backend!r}: expected local or te")
+    if attention_backend in CORE_ATTENTION:
+        return local_layer_spec(recompute, attention_backend)
+    raise ValueError(f"model.attention_backend={attention_backend!r}: expected local, flex or te")
