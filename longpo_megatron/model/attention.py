@@ -183,10 +183,9 @@ class LocalCoreAttention(MegatronModule):
         mask_type: AttnMaskType,
     ) -> Tensor:
         sq, b, nh, hn = query.shape
-        groups = key.shape[2]
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
-        k = key.permute(1, 2, 0, 3).repeat_interleave(nh // groups, dim=1)
-        v = value.permute(1, 2, 0, 3).repeat_interleave(nh // groups, dim=1)
+        k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]: the kernel shares each group's K/V
+        v = value.permute(1, 2, 0, 3)  # (enable_gqa) instead of copying them np/ng times
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         allowed = None if attention_mask is None else ~attention_mask
         out = F.scaled_dot_product_attention(
@@ -197,6 +196,7 @@ class LocalCoreAttention(MegatronModule):
             dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=causal,
             scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != nh,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
 
