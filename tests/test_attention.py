@@ -128,10 +128,10 @@ def test_te_layout_passes_cp_comm_type_and_local_gets_none():
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_sdpa_path_shares_kv_groups(masked):
-    """LocalCoreAttention without CP or branches (SDPA, K/V groups shared by the kernel, not
-    copied per head) equals plain softmax attention with repeated K/V heads, forward and
-    backward, causal or under megatron's boolean mask (True = masked out)."""
+def test_sdpa_path_matches_plain_softmax(masked):
+    """LocalCoreAttention without CP or branches (the SDPA path, GQA) equals plain softmax
+    attention with repeated K/V heads, forward and backward, causal or under megatron's
+    boolean mask (True = masked out)."""
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 

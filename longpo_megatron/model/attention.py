@@ -184,8 +184,12 @@ class LocalCoreAttention(MegatronModule):
     ) -> Tensor:
         sq, b, nh, hn = query.shape
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
-        k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]: the kernel shares each group's K/V
-        v = value.permute(1, 2, 0, 3)  # (enable_gqa) instead of copying them np/ng times
+        # The kernel shares each K/V group among its heads (enable_gqa) instead of saving
+        # np/ng copies for backward. ``value`` is a view of megatron's fused QKV projection
+        # output (``key`` is RoPE's own tensor): saved as a view, it would keep that whole
+        # output alive, so it gets its own [b, ng, sk, hn] storage.
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3).contiguous()
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         allowed = None if attention_mask is None else ~attention_mask
         out = F.scaled_dot_product_attention(
