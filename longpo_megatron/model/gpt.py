@@ -159,6 +159,8 @@ def transformer_config(
         else None,
         use_cpu_initialization=not on_gpu,
         gradient_accumulation_fusion=False,
+        # the local specs' MLP applies model/activation.py's SwiGLU module (no extra tensor)
+        use_te_activation_func=layout.attention_backend != "te",
         masked_softmax_fusion=on_gpu,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
