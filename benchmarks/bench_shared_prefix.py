@@ -51,23 +51,38 @@ def _batch(pair, packed: bool) -> dict:
     return split_batch(collate([pair], 256, 8, [(-100.0, -110.0)]), 0, 1)
 
 
-def _activation_bytes(model, step, batch) -> int:
-    """Bytes of the distinct non-parameter tensors saved for backward by one forward + loss."""
+def _saved_bytes(model: torch.nn.Module, forward: Callable[[], torch.Tensor]):
+    """``(forward(), bytes)``: the distinct non-parameter storages that tensors saved for
+    backward during ``forward`` still hold when it returns (a tensor saved by a part of the
+    graph freed on the way is not counted, nor an address reused after it)."""
+    import weakref
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    saved: list[weakref.ref] = []
 
     def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:  # weights are not activations
-            seen[ptr] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in params:  # weights are not activations
+            saved.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    alive = [t for t in (r() for r in saved) if t is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
+    return out, sum(storages.values())
+
+
+def _activation_bytes(model, step, batch) -> int:
+    """Bytes saved for backward by one forward + loss (:func:`_saved_bytes`)."""
+
+    def forward() -> torch.Tensor:
         output, loss_func = step(iter([batch]), model)
-        loss, _ = loss_func(output)
+        return loss_func(output)[0]
+
+    loss, nbytes = _saved_bytes(model, forward)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return nbytes
 
 
 def _timed(steps: dict[str, Callable[[], None]], rounds: int, clock: str) -> dict[str, float]:
@@ -143,16 +158,7 @@ def _authors_step(pair, short: int) -> tuple[Callable[[], None], int]:
         delta = 0.1 * ((sums[0] - ref_sums[0]) - (sums[1] - ref_sums[1]))
         return -lp[0].mean() - F.logsigmoid(delta)
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of_step()
+    loss, nbytes = _saved_bytes(model, loss_of_step)
     loss.backward()
     opt.zero_grad()
 
@@ -161,7 +167,7 @@ def _authors_step(pair, short: int) -> tuple[Callable[[], None], int]:
         opt.step()
         opt.zero_grad()
 
-    return step, sum(seen.values())
+    return step, nbytes
 
 
 def _setup():
