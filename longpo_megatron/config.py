@@ -198,7 +198,9 @@ class DataConfig:
     """Pack each pair as one sequence [shared prompt | chosen branch | rejected branch]: the
     document and first instruction are held (and computed) once, each branch attends to it and
     causally to itself, never to the other (docs/design.md). Needs the project attention
-    (model.attention_backend local, flex or auto)."""
+    (model.attention_backend local, flex or auto). The long-context data presets
+    (conf/data/longpo_*.yaml) set it true; false here and in the toy preset, whose runs and
+    tests check the two-sequence layout directly."""
 
 
 @dataclass

@@ -125,3 +125,40 @@ def test_te_layout_passes_cp_comm_type_and_local_gets_none():
     assert te.cp_comm_type == "a2a" and te.context_parallel_size == 2
     local = transformer_config(ModelConfig(), ModelLayout(1, 1, 2, False, "local", "cpu", "fp32"))
     assert local.cp_comm_type is None
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_path_matches_plain_softmax(masked):
+    """LocalCoreAttention without CP or branches (the SDPA path, GQA) equals plain softmax
+    attention with repeated K/V heads, forward and backward, causal or under megatron's
+    boolean mask (True = masked out)."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from longpo_megatron.model.attention import LocalCoreAttention
+
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
+    attn = LocalCoreAttention(cfg, 1, AttnMaskType.causal, "self")
+    q, k, v = _qkv(d=8)  # [b, h, s, d]
+    b, s = q.shape[0], q.shape[2]
+    allowed = torch.ones(s, s, dtype=torch.bool).tril().expand(b, 1, s, s)
+    if masked:
+        keep = torch.rand(b, 1, s, s, generator=torch.Generator().manual_seed(1)) > 0.3
+        allowed = allowed & keep
+        allowed = allowed | torch.eye(s, dtype=torch.bool)  # every query sees a key
+    mask = ~allowed if masked else None
+    out = attn(*(t.permute(2, 0, 1, 3) for t in (q, k, v)), mask)  # megatron's [s, b, h, d]
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad((out * grad).sum(), (q, k, v))
+    ref = _plain_attention(q, k, v, allowed, 8**-0.5).permute(2, 0, 1, 3).reshape(s, b, -1)
+    want = torch.autograd.grad((ref * grad).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)

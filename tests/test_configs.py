@@ -601,3 +601,22 @@ def test_reference_keeps_its_own_theta_and_scaling() -> None:
     assert (ref.rotary_base, ref.rope_scaling) == (1e6, "none")
     m128 = compose_config(["experiment=mistral_128k", *PLACEHOLDERS]).model
     assert reference_model_config(m128).rotary_base == 1e6 and m128.rotary_base == 1e7
+
+
+@pytest.mark.parametrize("option", [o for o in options("data") if o.startswith("longpo_")])
+def test_long_context_data_presets_pack_the_shared_prefix(option: str) -> None:
+    """The presets users launch at scale hold the prompt once (data.shared_prefix)."""
+    cfg = compose_config([f"data={option}", *EXTRA[("data", option)]])
+    assert cfg.data.shared_prefix
+    assert validate_config(cfg, 1, cuda_available=False).attention_backend == "local"
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_te_experiments_pin_two_sequences(experiment: str, with_te) -> None:
+    """TE cannot read the packed branch mask: a preset pinning it trains two sequences, and
+    turning packing on there is refused rather than run on another attention."""
+    cfg = compose_config([f"experiment={experiment}", *PLACEHOLDERS])
+    assert cfg.model.attention_backend == "te" and not cfg.data.shared_prefix
+    cfg.data.shared_prefix = True
+    with pytest.raises(ConfigError, match="data.shared_prefix=true"):
+        validate_config(cfg, implied_world(cfg), cuda_available=True)

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from longpo_megatron.data.tokenize import ShortSeq, TokenizedPair
+from longpo_megatron.data.records import RecordError
+from longpo_megatron.data.tokenize import ShortSeq, TokenizedPair, shared_prefix_length
 
 
 def padded_length(longest: int, pad_to_multiple: int = 1) -> int:
@@ -90,25 +91,27 @@ def _add_pair_fields(
         batch["ref_logps"] = torch.tensor(chosen + rejected, dtype=torch.float64).float()
 
 
-def shared_prefix_length(pair: TokenizedPair) -> int:
-    """Tokens of ``pair`` held once in the packed layout: the longest common token prefix of
-    its chosen and rejected long sequences, cut at the first response token of either (so the
-    shared part is document + first instruction and never holds a response label), minus one:
-    the last common token starts each branch, because it predicts each branch's first token."""
-    limit = min(len(pair.chosen), len(pair.rejected))
-    common = 0
-    while common < limit and pair.chosen[common] == pair.rejected[common]:
-        common += 1
-    for mask in (pair.chosen_response_mask, pair.rejected_response_mask):
-        first = next((t for t, r in enumerate(mask) if r), len(mask))
-        common = min(common, first)
-    return max(common - 1, 0)
+def packed_prefix_length(pair: TokenizedPair) -> int:
+    """The shared-prefix length the packed layout uses for ``pair``: the stored one (prepared
+    datasets, tokenization), checked against the tokens, or computed when none is stored.
+    A stored length that disagrees with the tokens is refused naming the record: packing
+    with it would hand one branch's tokens to the other."""
+    k = shared_prefix_length(pair)
+    if pair.shared_prefix is not None and pair.shared_prefix != k:
+        raise RecordError(
+            "shared_prefix",
+            f"stored shared-prefix length {pair.shared_prefix} disagrees with its tokens "
+            f"(chosen and rejected share {k} prompt tokens before their branches); the "
+            "prepared data is stale or corrupted: prepare it again with longpo-preprocess",
+            record_id=pair.record_id or f"pair {pair.index}",
+        )
+    return k
 
 
 def _packed_row(pair: TokenizedPair) -> tuple[list[int], list[bool], list[int], list[int]]:
     """One pair as [shared | chosen branch | rejected branch]: ids, per-token response mask,
     position ids (both branches continue from the shared part) and branch ids (0/1/2)."""
-    k = shared_prefix_length(pair)
+    k = packed_prefix_length(pair)
     c, r = len(pair.chosen) - k, len(pair.rejected) - k
     ids = pair.chosen + pair.rejected[k:]
     mask = pair.chosen_response_mask + pair.rejected_response_mask[k:]

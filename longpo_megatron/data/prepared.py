@@ -7,10 +7,15 @@ A prepared dataset is a directory (written by ``longpo-preprocess``, docs/data-f
   turn the short chosen and short rejected reference sequences.
 - ``spans.bin/.idx`` (int32): per sequence, its response-mask runs ``[start, end, ...]``.
 - ``ids.bin/.idx`` (uint8): per record, its id in UTF-8.
-- ``records.npy``: per record its source line, turns, lengths, CRC-32 of its tokens and spans
-  and the reference fingerprints (:func:`~longpo_megatron.reference.sequences.fingerprint`).
+- ``records.npy``: per record its source line, turns, lengths, CRC-32 of its tokens and spans,
+  the reference fingerprints (:func:`~longpo_megatron.reference.sequences.fingerprint`) and
+  (format v2) the shared-prefix length of the packed layout (``data.shared_prefix``).
 - ``metadata.json``: format, tokenizer identity, chat-template hash, the source's sha256,
   limits, counts, skipped records and their reasons, and the dataset's identity hash.
+
+Format v1 (no shared-prefix column) is still read: the length is then computed from the tokens
+when a record is read, exactly as v2 stores it, so a v1 directory keeps its identity (and a run
+resumes on it) without being prepared again.
 
 Every rank maps the files read-only and materializes only the pairs it is asked for, so memory
 per rank does not grow with the dataset. Structure (headers, sizes, counts, lengths) is checked
@@ -33,12 +38,15 @@ import torch
 from longpo_megatron.data.dataset import PreferenceDataset
 from longpo_megatron.data.records import DataReport
 from longpo_megatron.data.render import spans_to_mask
-from longpo_megatron.data.tokenize import TokenizedPair
+from longpo_megatron.data.tokenize import TokenizedPair, shared_prefix_length
 from longpo_megatron.data.tokenizer import ByteChatTokenizer, ChatTokenizer
 from longpo_megatron.errors import UserError
 
 FORMAT = "longpo-prepared"
-VERSION = 1
+VERSION = 2
+"""Format written; v2 added ``shared_prefix`` to ``records.npy``."""
+READABLE = (1, 2)
+"""Formats read (v1: the shared-prefix length is computed when a record is read)."""
 METADATA = "metadata.json"
 TABLE = "records.npy"
 PREFIXES = ("tokens", "spans", "ids")
@@ -55,9 +63,12 @@ RECORD_DTYPE = np.dtype(
         ("crc_spans", "<u4"),
         ("fp_short", "u1", (32,)),
         ("fp_long", "u1", (32,)),
+        ("shared_prefix", "<i4"),
     ]
 )
-"""One row of ``records.npy``."""
+"""One row of ``records.npy`` (format v2)."""
+RECORD_DTYPE_V1 = np.dtype(RECORD_DTYPE.descr[:-1])
+"""One row of a format-v1 ``records.npy`` (no shared-prefix length)."""
 LIMIT_KEYS = ("max_seq_length", "max_ref_seq_length", "over_length_policy")
 
 
@@ -118,9 +129,10 @@ def read_metadata(root: Path) -> dict[str, Any]:
         raise PreparedDataError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PreparedDataError(f"{path}: not a {FORMAT} metadata file")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READABLE:
         raise PreparedDataError(
-            f"{path}: format version {meta.get('version')!r}, this reader supports {VERSION}"
+            f"{path}: format version {meta.get('version')!r}, this reader supports "
+            f"{', '.join(map(str, READABLE))}; prepare the data again with longpo-preprocess"
         )
     if meta.get("identity") != identity_of(meta):
         raise PreparedDataError(f"{path}: identity hash does not match its content (edited?)")
@@ -222,7 +234,9 @@ class PreparedWriter:
             np.frombuffer(bytes.fromhex(fingerprint(pair, v)), np.uint8) for v in ("short", "long")
         ]
         short = sum(len(ids) for ids, _ in seqs[2:])
-        row = (line, len(pair.ref_chosen), len(pair.chosen), len(pair.rejected), short, 0, 0, *fps)
+        k = pair.shared_prefix if pair.shared_prefix is not None else shared_prefix_length(pair)
+        lengths = (len(pair.ref_chosen), len(pair.chosen), len(pair.rejected), short)
+        row = (line, *lengths, 0, 0, *fps, k)
         self.add_raw(tokens, spans, pair.record_id.encode("utf-8"), row)
 
     def add_raw(self, tokens: list[np.ndarray], spans: list[np.ndarray], rid: bytes, row) -> None:
@@ -284,8 +298,11 @@ class PreparedDataset(PreferenceDataset):
             table = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise PreparedDataError(f"{path}: not a readable .npy table ({exc})") from None
-        if table.dtype != RECORD_DTYPE or table.shape != (n,):
-            raise PreparedDataError(f"{path}: expected {n} rows of the v{VERSION} record table")
+        version = self.meta["version"]
+        if table.dtype != (RECORD_DTYPE if version == 2 else RECORD_DTYPE_V1) or table.shape != (
+            n,
+        ):
+            raise PreparedDataError(f"{path}: expected {n} rows of the v{version} record table")
         return table
 
     def _check_structure(self) -> None:
@@ -306,6 +323,19 @@ class PreparedDataset(PreferenceDataset):
             raise PreparedDataError(f"{idx}: long sequence lengths disagree with {TABLE}")
         if not np.array_equal(self.ids.document_indices, np.arange(len(t) + 1)):
             raise PreparedDataError(f"{self.root / 'ids.idx'}: not one id per record")
+        if self.stores_shared_prefix:
+            k = t["shared_prefix"]
+            bad = np.flatnonzero((k < 0) | (k >= np.minimum(t["long_chosen"], t["long_rejected"])))
+            if bad.size:
+                raise PreparedDataError(
+                    f"{self.root / TABLE}: record {self.record_id(int(bad[0]))!r} (index "
+                    f"{int(bad[0])}): shared-prefix length {int(k[bad[0]])} outside its sequences"
+                )
+
+    @property
+    def stores_shared_prefix(self) -> bool:
+        """True for format v2 (``records.npy`` holds the shared-prefix lengths)."""
+        return "shared_prefix" in (self.table.dtype.names or ())
 
     def __len__(self) -> int:
         return len(self.table)
@@ -344,7 +374,7 @@ class PreparedDataset(PreferenceDataset):
         spans = self._read(self.spans, index, "crc_spans", "spans.bin")
         seqs = [(t.tolist(), spans_to_mask(s, len(t))) for t, s in zip(toks, spans)]
         (chosen, c_mask), (rejected, r_mask) = seqs[0], seqs[1]
-        return TokenizedPair(
+        pair = TokenizedPair(
             index=index,
             chosen=chosen,
             rejected=rejected,
@@ -354,6 +384,11 @@ class PreparedDataset(PreferenceDataset):
             ref_rejected=seqs[3::2],
             record_id=self.record_id(index),
         )
+        if self.stores_shared_prefix:  # checked against the tokens when packed (collate)
+            pair.shared_prefix = int(self.table["shared_prefix"][index])
+        else:  # format v1: computed from the tokens, as v2 stores it
+            pair.shared_prefix = shared_prefix_length(pair)
+        return pair
 
     def report(self) -> DataReport:
         """The preprocessing report (lines read, records kept, skips by reason)."""

@@ -30,6 +30,7 @@ import numpy as np
 from longpo_megatron.data.prepared import (
     LIMIT_KEYS,
     METADATA,
+    VERSION,
     PreparedDataError,
     PreparedDataset,
     PreparedWriter,
@@ -188,7 +189,12 @@ def _tokenizer(name: str) -> ChatTokenizer:
 
 def _job_record(job: Job, source: dict[str, Any]) -> dict[str, Any]:
     tok = tokenizer_identity(_tokenizer(job.tokenizer))
-    return {"job": vars(job) | {"source": None}, "tokenizer": tok, "source": source}
+    return {
+        "job": vars(job) | {"source": None},
+        "tokenizer": tok,
+        "source": source,
+        "format": VERSION,  # pieces of an older format are not merged into a newer one
+    }
 
 
 def load_plan(job: Job, out: Path, source: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -199,7 +205,7 @@ def load_plan(job: Job, out: Path, source: Optional[dict[str, Any]] = None) -> d
     if path.is_file():
         old = json.loads(path.read_text())
         if old != plan:
-            what = [k for k in ("source", "tokenizer", "job") if old.get(k) != plan[k]]
+            what = [k for k in ("source", "tokenizer", "job", "format") if old.get(k) != plan[k]]
             raise PreparedDataError(
                 f"{path}: an unfinished preparation of another {'/'.join(what)} is in "
                 f"{out} (source sha256 {old['source']['sha256'][:12]} vs "

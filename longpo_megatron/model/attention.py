@@ -162,10 +162,13 @@ class LocalCoreAttention(MegatronModule):
         mask_type: AttnMaskType,
     ) -> Tensor:
         sq, b, nh, hn = query.shape
-        groups = key.shape[2]
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
-        k = key.permute(1, 2, 0, 3).repeat_interleave(nh // groups, dim=1)
-        v = value.permute(1, 2, 0, 3).repeat_interleave(nh // groups, dim=1)
+        # The kernel shares each K/V group among its heads (enable_gqa) instead of saving
+        # np/ng copies for backward. ``value`` is a view of megatron's fused QKV projection
+        # output (``key`` is RoPE's own tensor): saved as a view, it would keep that whole
+        # output alive, so it gets its own [b, ng, sk, hn] storage.
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3).contiguous()
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         allowed = None if attention_mask is None else ~attention_mask
         out = F.scaled_dot_product_attention(
@@ -176,6 +179,7 @@ class LocalCoreAttention(MegatronModule):
             dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=causal,
             scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != nh,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
 

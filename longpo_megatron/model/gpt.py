@@ -159,6 +159,9 @@ def transformer_config(
         else None,
         use_cpu_initialization=not on_gpu,
         gradient_accumulation_fusion=False,
+        # the local spec's MLP applies model/activation.py's SwiGLU module (no extra tensor);
+        # only a spec that provides that module may set it (else MLP would skip the gating)
+        use_te_activation_func=layout.attention_backend in ("local", "flex"),
         masked_softmax_fusion=on_gpu,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

@@ -1,10 +1,11 @@
 """Layer specs: which module implements each part of a decoder layer, per engine.
 
 Variants are chosen here, in spec functions, not by ``if`` branches inside modules:
-- ``local``: megatron's column/row-parallel linears, torch RMSNorm, and the project-owned core
-  attention (runs on CPU and CUDA). Recomputation on this path is chosen by module variant
-  (:class:`RecomputedTransformerLayer`, :class:`RecomputedLocalCoreAttention`), because megatron's
-  own checkpoint function forks the CUDA RNG tracker.
+- ``local``: megatron's column/row-parallel linears, torch RMSNorm, the project-owned core
+  attention (runs on CPU and CUDA) and SwiGLU module (:mod:`.activation`). Recomputation on
+  this path is chosen by module variant (:class:`RecomputedTransformerLayer`,
+  :class:`RecomputedLocalCoreAttention`), because megatron's own checkpoint function forks the
+  CUDA RNG tracker.
 - ``flex``: the ``local`` layer with FlexAttention core attention
   (:class:`~longpo_megatron.model.attention.FlexCoreAttention`): every mask as a block-sparse
   ``BlockMask``; the long-context path for packed shared-prefix rows on GPUs.
@@ -26,6 +27,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from torch.utils.checkpoint import checkpoint
 
+from longpo_megatron.model.activation import SwiGLU
 from longpo_megatron.model.attention import (
     FlexCoreAttention,
     LocalCoreAttention,
@@ -75,7 +77,9 @@ def local_layer_spec(recompute: str = "none", attention: str = "local") -> Modul
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                    linear_fc1=ColumnParallelLinear,
+                    activation_func=SwiGLU,  # used under use_te_activation_func (gpt.py)
+                    linear_fc2=RowParallelLinear,
                 ),
             ),
             mlp_bda=get_bias_dropout_add,
