@@ -54,6 +54,9 @@ class Recipe:
     """Optimizer steps (the LR schedule and the curriculum are laid out over them)."""
     minutes: Optional[float] = None
     """Wall-clock budget: stop early (after a whole step) when it is spent; null = none."""
+    stop_at: Optional[int] = None
+    """Stop after this many steps, the schedule still laid out over ``steps`` (rebuilds a run
+    that ``minutes`` cut short: pass its recipe.json ``steps_done``); null = ``steps``."""
     seed: int = 0
     """Seeds the weights, the tokenizer corpus and every batch (batch k is a function of it)."""
     device: str = "auto"
@@ -296,21 +299,13 @@ def train(recipe: Recipe, model: Any, tok: Any, log_path: Path) -> dict[str, Any
 
     device = resolve_device(recipe.device)
     model.to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": recipe.weight_decay},
-            {"params": rest, "weight_decay": 0},
-        ],
-        lr=recipe.lr,
-        betas=(0.9, 0.98),
-    )
+    opt = _optimizer(recipe, model)
     renderer = Renderer(tok)
     checks = {n: heldout(renderer, n, 128, recipe.seed) for n in (4, recipe.max_facts)}
-    start, losses, step = time.perf_counter(), [], 0
+    start, losses, done = time.perf_counter(), [], 0
+    last = min(recipe.steps, recipe.stop_at or recipe.steps)
     with log_path.open("w") as log:
-        for step in range(recipe.steps):
+        for step in range(last):
             if recipe.minutes is not None and time.perf_counter() - start > 60 * recipe.minutes:
                 break
             for group in opt.param_groups:
@@ -322,15 +317,33 @@ def train(recipe: Recipe, model: Any, tok: Any, log_path: Path) -> dict[str, Any
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             opt.step()
             losses.append(loss.item())
-            last = step + 1 == recipe.steps
-            if (step + 1) % recipe.eval_every == 0 or last:
-                row = _check(recipe, model, checks, device, step, losses, start)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                print(json.dumps(row), flush=True)
+            done = step + 1
+            if done % recipe.eval_every == 0 or done == last:
+                _log(log, _check(recipe, model, checks, device, step, losses, start))
                 losses = []
+        if losses:  # stopped by the time budget between two checks
+            _log(log, _check(recipe, model, checks, device, done - 1, losses, start))
     model.eval()
-    return {"steps_done": step + 1 if recipe.steps else 0, "seconds": time.perf_counter() - start}
+    return {"steps_done": done, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _optimizer(recipe: Recipe, model: Any) -> Any:
+    """AdamW; weight decay on matrices only (not norms)."""
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    groups = [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.98))
+
+
+def _log(log: Any, row: dict[str, Any]) -> None:
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    print(json.dumps(row), flush=True)
 
 
 def _check(recipe, model, checks, device, step, losses, start) -> dict[str, Any]:
@@ -520,7 +533,9 @@ def parse_args(argv: Optional[list[str]]) -> tuple[Recipe, Path, bool]:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="model directory to (re)write")
     ap.add_argument("--no-measure", action="store_true", help="skip accuracy.json (tests)")
     for f in dataclasses.fields(Recipe):
-        kind = {"Optional[float]": float}.get(str(f.type), None) or type(f.default)
+        kind = {"Optional[float]": float, "Optional[int]": int}.get(str(f.type), None) or type(
+            f.default
+        )
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     ns = vars(ap.parse_args(argv))
     out, no_measure = Path(ns.pop("out")), ns.pop("no_measure")
