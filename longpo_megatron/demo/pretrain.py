@@ -94,6 +94,8 @@ class Recipe:
     """Share of the steps over which the largest fact count grows from min to max."""
     max_turns: int = 8
     """Question/answer turns per dialogue (as many as fit SHORT_CONTEXT)."""
+    repeat_questions: bool = False
+    """Ask facts again until max_turns (more lookups per sequence when there are few facts)."""
     eval_every: int = 100
     """Steps between held-out lookup checks (train_log.jsonl)."""
     eval_samples: int = 20
@@ -193,7 +195,8 @@ def make_batch(recipe: Recipe, renderer: Renderer, step: int) -> tuple[Any, Any]
         n = facts_at(recipe, step, rng)
         while n >= recipe.min_facts:
             row = renderer.render(
-                world.training_dialogue(rng, n, recipe.max_turns), world.SHORT_CONTEXT
+                world.training_dialogue(rng, n, recipe.max_turns, recipe.repeat_questions),
+                world.SHORT_CONTEXT,
             )
             if row is not None:
                 rows.append(row)
@@ -527,15 +530,23 @@ def build(recipe: Recipe, out: Path, measure: bool = True) -> dict[str, Any]:
     return info
 
 
+def _flag_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+    return text.lower() in ("true", "1")
+
+
+FLAG_TYPES = {"Optional[float]": float, "Optional[int]": int, "bool": _flag_bool}
+"""argparse types of Recipe fields whose default does not name the type."""
+
+
 def parse_args(argv: Optional[list[str]]) -> tuple[Recipe, Path, bool]:
     """Flags: --out, --steps, --minutes, --seed, --device, and every other Recipe field."""
     ap = argparse.ArgumentParser(prog="longpo-demo pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="model directory to (re)write")
     ap.add_argument("--no-measure", action="store_true", help="skip accuracy.json (tests)")
     for f in dataclasses.fields(Recipe):
-        kind = {"Optional[float]": float, "Optional[int]": int}.get(str(f.type), None) or type(
-            f.default
-        )
+        kind = FLAG_TYPES.get(str(f.type)) or type(f.default)
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     ns = vars(ap.parse_args(argv))
     out, no_measure = Path(ns.pop("out")), ns.pop("no_measure")

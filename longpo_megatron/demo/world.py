@@ -5,7 +5,7 @@ Everything here is a pure function of its seed. The keys are the made-up one-wor
 numbers, so the demo model's BPE tokenizer (trained on this text by ``longpo-demo pretrain``) has
 every key and every value as a single token. The same domain serves three uses:
 
-- pretraining the short-context starting model (:func:`training_example`: contexts of at most
+- pretraining the short-context starting model (:func:`training_dialogue`: contexts of at most
   :data:`SHORT_CONTEXT` tokens, answers to ``What is the code of <key>?`` and numbered questions);
 - the long documents that ``longpo-datagen`` chunks and asks about (:func:`long_documents`);
 - the ``lookup`` task of ``longpo-eval`` that measures the skill (:func:`eval_overrides`).
@@ -106,11 +106,16 @@ def question_list(facts: list[Fact]) -> str:
     return "\n".join(f"{i}: {f.question}" for i, f in enumerate(facts, start=1))
 
 
-def answer_dialogue(rng: random.Random, facts: list[Fact], turns: int) -> list[tuple[str, str]]:
+def answer_dialogue(
+    rng: random.Random, facts: list[Fact], turns: int, repeat: bool = False
+) -> list[tuple[str, str]]:
     """(user, assistant) turns: the context and a question, then more questions alone (as
-    the long sequences of LongPO records continue); each answer is the value."""
+    the long sequences of LongPO records continue); each answer is the value. Every fact is
+    asked once before ``repeat`` asks again (up to ``turns``: more lookups per sequence)."""
     context = layout(rng, facts, paragraphs=rng.random() < 0.5)
     asked = rng.sample(facts, min(turns, len(facts)))
+    if repeat:
+        asked += [rng.choice(facts) for _ in range(turns - len(asked))]
     pairs = [(f"{context}\n\n{asked[0].question}", asked[0].value)]
     return pairs + [(f.question, f.value) for f in asked[1:]]
 
@@ -127,13 +132,15 @@ def question_dialogue(rng: random.Random, facts: list[Fact], turns: int) -> list
     return [(prompt, question_list(chosen))] + answers[: max(0, turns - 1)]
 
 
-def training_dialogue(rng: random.Random, n_facts: int, turns: int) -> list[tuple[str, str]]:
+def training_dialogue(
+    rng: random.Random, n_facts: int, turns: int, repeat: bool = False
+) -> list[tuple[str, str]]:
     """One pretraining dialogue over ``n_facts`` fresh facts: a lookup dialogue, or (one in
     four, when there are enough facts) a question-writing one."""
     facts = draw_facts(rng, n_facts)
     if n_facts >= NUM_QUESTIONS and rng.random() < 0.25:
         return question_dialogue(rng, facts, turns)
-    return answer_dialogue(rng, facts, turns)
+    return answer_dialogue(rng, facts, turns, repeat)
 
 
 def eval_lengths() -> tuple[int, int]:
