@@ -13,7 +13,9 @@ context without the needles) that comes before it; 0 = start of the context, 1 =
 
 Tasks (RULER's names): ``niah_single``, ``niah_multikey``, ``niah_multivalue``,
 ``niah_multiquery`` (needle retrieval), ``vt`` (variable tracking), ``cwe`` (aggregation: the
-most common words) and ``qa`` (question answering over a paragraph buried in distractors).
+most common words) and ``qa`` (question answering over a paragraph buried in distractors), plus
+``lookup`` (key -> value lookup in a dense list of one-line facts with made-up one-word keys: the
+domain of the CPU demo's starting model, see longpo_megatron/demo/world.py).
 """
 
 from __future__ import annotations
@@ -375,6 +377,47 @@ def _qa(rng: random.Random, task: str, length: int, depth: float, opts: TaskOpti
     return context, question, (gold[attr],), choices, label, spans
 
 
+def _lookup_key_list(n: int = 512) -> tuple[str, ...]:
+    rng = random.Random("lookup-keys")
+    return tuple(_distinct(rng, lambda: _word(rng, 3), n, set()))
+
+
+LOOKUP_KEYS = _lookup_key_list()
+"""lookup: the made-up keys (one word each, so a tokenizer trained on the facts has them as
+single tokens); a context never repeats a key, filler sentences follow when they run out."""
+
+
+def lookup_fact(key: str, value: str) -> str:
+    """lookup: one fact (one line of a context)."""
+    return f"The code of {key} is {value}."
+
+
+def lookup_question(key: str) -> str:
+    """lookup: the question about ``key`` (also what the demo model writes in datagen)."""
+    return f"What is the code of {key}?"
+
+
+def _lookup(rng: random.Random, task: str, length: int, depth: float, opts: TaskOptions, count):
+    number = lambda: _number(rng, opts.value_digits)  # noqa: E731
+    keys = list(LOOKUP_KEYS)
+    rng.shuffle(keys)
+    gold, value = keys.pop(), number()
+    question = lookup_question(gold)
+    budget = _Budget(length, count, [lookup_fact(gold, value), question], task, sep="\n")
+    hay, others = [], []
+    for key in keys:
+        other = number()
+        if not budget.take(lookup_fact(key, other)):
+            break
+        hay.append(lookup_fact(key, other))
+        others.append(other)
+    else:  # every key is used: the rest of the length is filler
+        hay += _haystack(rng, budget)
+    context, spans = _place(hay, [(depth, lookup_fact(gold, value))], separator="\n")
+    choices, label = _choices(rng, (value,), others, number, opts.num_choices)
+    return context, question, (value,), choices, label, spans
+
+
 GENERATORS = {
     "niah_single": _niah,
     "niah_multikey": _niah,
@@ -383,6 +426,7 @@ GENERATORS = {
     "vt": _vt,
     "cwe": _cwe,
     "qa": _qa,
+    "lookup": _lookup,
 }
 """Task name -> generator ``(rng, task, length, depth, options, count) -> fields``."""
 DEPTHLESS = ("cwe",)
