@@ -1,6 +1,6 @@
 """``longpo-demo``: the README's demo (``bash scripts/demo.sh``) and the recipe of its model.
 
-    longpo-demo run [--quick] [--out outputs/demo] [--overwrite]   # the whole loop, CPU, offline
+    longpo-demo run [--quick] [--out-dir outputs/demo] [--overwrite]  # the whole loop, CPU, offline
     longpo-demo pretrain ...                                       # rebuild data/demo-model
 
 ``run`` is :func:`longpo_megatron.demo.loop.run_demo` (docs/demo.md "The loop"); ``pretrain`` is
