@@ -23,8 +23,7 @@ from longpo_megatron.demo.stages import StageError, StageRunner
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "data" / "demo-model"
 STAGES = (
-    "verify documents datagen merge preprocess convert train-sft train-dpo train-longpo export "
-    "eval"
+    "verify documents datagen merge preprocess convert train-sft train-dpo train-longpo export eval"
 ).split()
 
 
@@ -56,7 +55,9 @@ def test_checks_name_the_flag(tmp_path: Path) -> None:
         check_config(DemoConfig(model=str(tmp_path), parallel="tp9"))
     with pytest.raises(DemoError, match="--train-iters=0: must be >= 1"):
         check_config(DemoConfig(model=str(tmp_path), train_iters=0))
-    assert Lengths.of(256, 8) == Lengths(256, 2048, 4096, 1024)
+    assert Lengths.of(128, 124, 8) == Lengths(128, 124, 1024, 2048, 512)
+    with pytest.raises(DemoError, match="short evaluation length 200: must lie in"):
+        Lengths.of(128, 200, 8)
 
 
 def test_non_demo_output_dir_is_never_removed(tmp_path: Path) -> None:
@@ -134,7 +135,9 @@ def _export_loads_and_runs(path: Path, theta: float) -> None:
     assert config["rope_theta"] == pytest.approx(theta)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True
+    )
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), config["vocab_size"]) and torch.isfinite(logits).all()

@@ -29,6 +29,15 @@ ARCH_SKIP = ("defaults", "name", "max_position_embeddings", "attention_backend",
 """Keys of the converter's model.yaml that the demo's conf/model/demo.yaml or the loop decide."""
 
 
+STAGE_DROPS = (
+    ("instructions", "outcome"),
+    ("records", "pairs_dropped"),
+    ("records", "turns_dropped"),
+    ("records", "records_skipped"),
+)
+"""(section, key) of datagen's report.json that count what was dropped and why."""
+
+
 class DemoError(UserError, ValueError):
     """A demo setting or output directory that cannot work; the message names it."""
 
@@ -190,21 +199,25 @@ def shipped_rope_theta(model: str) -> float:
 
 @dataclass(frozen=True)
 class Lengths:
-    """Token lengths of one run, all derived from the world's SHORT_CONTEXT."""
+    """Token lengths of one run, derived from the world's SHORT_CONTEXT."""
 
+    context: int
+    """The world's SHORT_CONTEXT: the longest sequence the shipped model was trained on."""
     short: int
-    """Short evaluation length: what the model was pretrained on."""
+    """Short evaluation length (prompt tokens; the world leaves room for the answer)."""
     long: int
-    """Long documents and the long evaluation length (long_factor x short)."""
+    """Long documents and the long evaluation length (long_factor x context)."""
     max_seq: int
-    """Training limit of a long (policy) sequence: document + every turn's Q/A."""
+    """Training limit of a long (policy) sequence: document + every turn's Q/A (2 x long)."""
     max_ref_seq: int
-    """Training limit of a short (reference) sequence: chunk + one Q/A."""
+    """Training limit of a short (reference) sequence: chunk + one Q/A (4 x context)."""
 
     @classmethod
-    def of(cls, short: int, factor: int) -> Lengths:
-        """Lengths for a model pretrained on ``short`` tokens."""
-        return cls(short, factor * short, 2 * factor * short, 4 * short)
+    def of(cls, context: int, short: int, factor: int) -> Lengths:
+        """Lengths for a model trained on ``context`` tokens, evaluated short at ``short``."""
+        if not 16 <= short <= context:
+            raise DemoError(f"short evaluation length {short}: must lie in [16, {context}]")
+        return cls(context, short, factor * context, 2 * factor * context, 4 * context)
 
 
 def datagen_overrides(cfg: DemoConfig, paths: Paths, lengths: Lengths) -> list[str]:
@@ -287,6 +300,19 @@ def vocab_multiple(model: str, tp: int) -> int:
     return 1 if vocab % tp == 0 else tp
 
 
+def check_records(report_path: Path) -> int:
+    """Records the datagen made; none is an error that says why (the report's drop counts)."""
+    report = json.loads(report_path.read_text())
+    made = int(report.get("records", {}).get("records", 0))
+    if made == 0:
+        why = {k: report.get(k, {}).get(d) for k, d in STAGE_DROPS if report.get(k, {}).get(d)}
+        raise DemoError(
+            f"{report_path}: datagen made no records ({why or 'nothing dropped'}); the model "
+            "cannot write the demo's data: check it, or rebuild it with `longpo-demo pretrain`"
+        )
+    return made
+
+
 def make_data(runner: StageRunner, cfg: DemoConfig, paths: Paths, lengths: Lengths) -> dict:
     """documents -> datagen (2 shards side by side) -> merge -> preprocess."""
     n = cfg.budget().documents
@@ -308,6 +334,7 @@ def make_data(runner: StageRunner, cfg: DemoConfig, paths: Paths, lengths: Lengt
     )
     merge = python_module("longpo_megatron.datagen.cli", *gen, "stage=merge", "shard=0/2")
     runner.run("merge", "join the shards' records", [merge])
+    docs["records"] = check_records(paths.datagen / "report.json")
     preprocess = python_module(
         "longpo_megatron.data.preprocess",
         *data_overrides(cfg, paths.records, lengths),
@@ -358,10 +385,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     check_config(cfg)
     out = prepare_out_dir(cfg)
     paths = Paths(out)
-    lengths = Lengths.of(int(world.SHORT_CONTEXT), cfg.long_factor)
+    lengths = Lengths.of(world.SHORT_CONTEXT, world.eval_lengths()[0], cfg.long_factor)
     theta = shipped_rope_theta(cfg.model)
     runner = StageRunner(paths.logs, total=9 + len(METHODS))
-    verified = runner.call("verify", f"the shipped model {cfg.model}", pretrain.verify, cfg.model)
+    runner.call("verify", f"checksums of the shipped model {cfg.model}", pretrain.verify, cfg.model)
     clock = time.monotonic()  # the demo's clock starts after the shipped model is verified
     docs = make_data(runner, cfg, paths, lengths)
     train_all(runner, cfg, paths, lengths, theta)
@@ -377,7 +404,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "lengths": asdict(lengths),
         "rope_theta": {"reference": theta, "policy": theta * cfg.rotary_factor},
         "documents": docs,
-        "verify": verified,
+        "model": {"path": str(Path(cfg.model).resolve()), "checksums_verified": True},
     }
     return runner.call(
         "report", "table, plot and summary.json", report.write_report, out, facts, runner, clock
