@@ -123,7 +123,8 @@ def write_report(
     detail = compare_table([results[m] for m in MODELS])
     (out / "table.md").write_text(table + "\n\nPer task:\n\n" + detail + "\n")
     lengths = facts["lengths"]
-    plot(accuracy, out / "accuracy.png", f"short {lengths['short']} vs long {lengths['long']}")
+    title = f"{metric} accuracy: short ({lengths['short']}) vs long ({lengths['long']} tokens)"
+    plot(accuracy, out / "accuracy.png", title)
     datagen = json.loads((out / "datagen" / "report.json").read_text())
     summary = {
         "format": SUMMARY_FORMAT,
