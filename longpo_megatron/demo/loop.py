@@ -71,7 +71,7 @@ class DemoConfig:
     overwrite: bool = False
     """Remove an earlier demo output in ``out_dir`` first (only one marked as a demo's)."""
     parallel: str = "tp2"
-    """conf/parallel option of the three trainings (2 ranks: tp2, cp2, pp2 or dp2)."""
+    """conf/parallel option of the three trainings (2 ranks: tp2, pp2 or dp2)."""
     seed: int = 1234
     """Seed of the documents, datagen sampling, training and evaluation."""
     long_factor: int = 8
