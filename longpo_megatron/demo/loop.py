@@ -54,7 +54,7 @@ class Budget:
     """Samples per task x length x depth cell of each evaluation."""
 
 
-BUDGETS = {"full": Budget(64, 48, 12), "quick": Budget(6, 3, 2)}
+BUDGETS = {"full": Budget(32, 48, 12), "quick": Budget(6, 3, 2)}
 """``--quick`` is the end-to-end test's size: every stage runs, nothing is measured well."""
 
 
