@@ -380,9 +380,9 @@ def train_all(runner: StageRunner, cfg: DemoConfig, paths: Paths, lengths: Lengt
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Verify the shipped model, then run every stage; returns what summary.json holds."""
+    check_config(cfg)  # before the world and the model's recipe are imported
     from longpo_megatron.demo import pretrain, report, world
 
-    check_config(cfg)
     out = prepare_out_dir(cfg)
     paths = Paths(out)
     lengths = Lengths.of(world.SHORT_CONTEXT, world.eval_lengths()[0], cfg.long_factor)
