@@ -109,7 +109,22 @@ def test_renderer_equals_the_chat_template(tok: HFChatTokenizer) -> None:
         assert short is None or len(short[0]) <= world.SHORT_CONTEXT
 
 
-def test_overrides_compose_and_validate() -> None:
+@pytest.fixture
+def eval_config_store():
+    """``longpo-eval`` composed in this process, as in its own: other test modules registered the
+    training schemas (config group ``model`` …) in Hydra's process-global ConfigStore, which would
+    turn eval's ``model=<path>`` value into a group choice. They are hidden during the test."""
+    from hydra.core.config_store import ConfigStore
+
+    from longpo_megatron.config import GROUPS
+
+    repo = ConfigStore.instance().repo
+    hidden = {g: repo.pop(g) for g in GROUPS if g in repo}
+    yield
+    repo.update(hidden)
+
+
+def test_overrides_compose_and_validate(eval_config_store) -> None:
     from hydra import compose, initialize_config_dir
 
     from longpo_megatron.datagen.cli import CONF_DIR as DATAGEN_CONF
@@ -187,7 +202,9 @@ TINY = [
 ]  # fmt: skip
 
 
-def test_tiny_pretrain_writes_every_artifact_deterministically(tmp_path: Path) -> None:
+def test_tiny_pretrain_writes_every_artifact_deterministically(
+    tmp_path: Path, eval_config_store
+) -> None:
     assert pretrain.main([*TINY, "--out", str(tmp_path / "a")]) == 0
     out = tmp_path / "a"
     pretrain.verify(out)
