@@ -129,6 +129,25 @@ def test_packed_path_saves_no_mask_and_no_expanded_kv(turn_data):  # noqa: F811
     assert extra <= 2 * q.untyped_storage().nbytes() + kv_bytes // 2
 
 
+def test_packed_path_output_is_the_tensor_the_next_linear_saves(turn_data):  # noqa: F811
+    """The attention output is held once per layer: the tensor the packed path saves for its
+    backward is the one it returns, which ``linear_proj`` saves as its input."""
+    from longpo_megatron.model.attention import LocalCoreAttention
+
+    mask = _layout("packed_3turn", turn_data)
+    rows, seq = mask.order.shape
+    q, k, v = _qkv(rows, seq)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _core(LocalCoreAttention)(q, k, v, mask)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    assert out.untyped_storage().data_ptr() in ptrs
+    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    out_sized = [p for p, n in sizes.items() if n >= out.untyped_storage().nbytes()]
+    inputs = {x.untyped_storage().data_ptr() for x in (q, k, v)}
+    assert [p for p in out_sized if p not in inputs] == [out.untyped_storage().data_ptr()]
+
+
 def test_packed_path_refuses_other_layouts():
     from longpo_megatron.model.attention import LocalCoreAttention
 

@@ -9,8 +9,8 @@ branch). Per row this is, with the flash kernel that returns the log-sum-exp:
   causal square; the two partial softmaxes are merged by their log-sum-exps.
 The backward of each part runs the flash backward with the MERGED output and log-sum-exp, which
 gives that part's exact share of the gradient (the identity ring attention uses). Saved per layer:
-q, k, v, the output and one log-sum-exp per query — no ``[branch × S]`` mask and no expanded
-K/V copy (GQA heads are stride-0 views of the kv heads).
+q, k, v, the output (the very tensor ``linear_proj`` saves) and one log-sum-exp per query — no
+``[branch × S]`` mask and no expanded K/V copy (GQA heads are stride-0 views of the kv heads).
 """
 
 from __future__ import annotations
@@ -29,41 +29,82 @@ def _heads(kv: Tensor, group: int) -> Tensor:
     return kv.unsqueeze(1).expand(kv.shape[0], group, kv.shape[1], kv.shape[2])
 
 
-class _PrefixBranchAttention(torch.autograd.Function):
-    """Queries q ``[G, g, s, d]`` of one run against the prefix keys (all visible; may be
-    empty) and causally against their own keys; k/v ``[G, s_*, d]``."""
+def _run_forward(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_own: Tensor, v_own: Tensor, scale):
+    """One run's queries ``[G, g, L, d]`` against the prefix keys (all visible; may be empty)
+    and causally against their own keys (k/v ``[G, s_*, d]``): (output, log-sum-exp)."""
+    g = q.shape[1]
+    out, lse = _fwd(q, _heads(k_own, g), _heads(v_own, g), is_causal=True, scale=scale)
+    if k_pre.shape[1]:
+        out_pre, lse_pre = _fwd(q, _heads(k_pre, g), _heads(v_pre, g), scale=scale)
+        merged = torch.logaddexp(lse, lse_pre)
+        out = (
+            out.float() * (lse - merged).exp()[..., None]
+            + out_pre.float() * (lse_pre - merged).exp()[..., None]
+        )
+        out, lse = out.to(q.dtype), merged
+    return out, lse
+
+
+def _row(t: Tensor, row: int, groups: int) -> Tensor:
+    """Row ``row`` of a ``[s, b, heads, d]`` tensor as ``[groups, heads/groups, s, d]`` (a view)."""
+    s, _, heads, d = t.shape
+    return t[:, row].permute(1, 0, 2).reshape(groups, heads // groups, s, d)
+
+
+class _PackedRows(torch.autograd.Function):
+    """Every packed row of a micro-batch (``runs[row]``: the end of its shared prompt, 0 if
+    none, and the (start, end) of its prompt and branches). The merged outputs are written into
+    ONE ``[s, b, np·hn]`` buffer, which is what the function returns (the tensor
+    ``linear_proj`` saves as its input) and what its backward reads: the attention output is
+    held once per layer, not once here and once there."""
 
     @staticmethod
-    def forward(ctx, q, k_pre, v_pre, k_own, v_own, scale):  # noqa: D102
-        g = q.shape[1]
-        out, lse = _fwd(q, _heads(k_own, g), _heads(v_own, g), is_causal=True, scale=scale)
-        if k_pre.shape[1]:
-            out_pre, lse_pre = _fwd(q, _heads(k_pre, g), _heads(v_pre, g), scale=scale)
-            merged = torch.logaddexp(lse, lse_pre)
-            out = (
-                out.float() * (lse - merged).exp()[..., None]
-                + out_pre.float() * (lse_pre - merged).exp()[..., None]
-            )
-            out, lse = out.to(q.dtype), merged
-        ctx.save_for_backward(q, k_pre, v_pre, k_own, v_own, out, lse)
-        ctx.scale = scale
-        return out
+    def forward(ctx, query, key, value, runs, scale):  # noqa: D102
+        s, b, nh, hn = query.shape
+        groups = key.shape[2]
+        out = query.new_empty(s, b, nh, hn)
+        lse = torch.empty(b, groups, nh // groups, s, dtype=torch.float32, device=query.device)
+        for row in range(b):
+            q, o = _row(query, row, groups), _row(out, row, groups)
+            k, v = (t[:, row].permute(1, 0, 2) for t in (key, value))  # [G, s, hn]
+            prompt, row_runs = runs[row]
+            for a, e in row_runs:
+                pre = prompt if a else 0
+                part, part_lse = _run_forward(
+                    q[:, :, a:e], k[:, :pre], v[:, :pre], k[:, a:e], v[:, a:e], scale
+                )
+                o[:, :, a:e] = part
+                lse[row, :, :, a:e] = part_lse
+        result = out.view(s, b, nh * hn)
+        ctx.save_for_backward(query, key, value, result, lse)
+        ctx.runs, ctx.scale = runs, scale
+        return result
 
     @staticmethod
     def backward(ctx, dout):  # noqa: D102
-        q, k_pre, v_pre, k_own, v_own, out, lse = ctx.saved_tensors
-        g, dout = q.shape[1], dout.contiguous()
-        dq, dk, dv = _bwd(
-            dout, q, _heads(k_own, g), _heads(v_own, g), out, lse, 0.0, True, scale=ctx.scale
-        )
-        dk_pre = dv_pre = None
-        if k_pre.shape[1]:
-            dq_pre, dk_pre, dv_pre = _bwd(
-                dout, q, _heads(k_pre, g), _heads(v_pre, g), out, lse, 0.0, False, scale=ctx.scale
-            )
-            dq = dq + dq_pre
-            dk_pre, dv_pre = dk_pre.sum(1), dv_pre.sum(1)
-        return dq, dk_pre, dv_pre, dk.sum(1), dv.sum(1), None
+        query, key, value, result, lse = ctx.saved_tensors
+        s, b, nh, hn = query.shape
+        groups, g = key.shape[2], nh // key.shape[2]
+        out, dout = result.view(s, b, nh, hn), dout.reshape(s, b, nh, hn)
+        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for row in range(b):
+            q, o, do = (_row(t, row, groups) for t in (query, out, dout))
+            dq_row = _row(dq, row, groups)
+            k, v, dk_row, dv_row = (t[:, row].permute(1, 0, 2) for t in (key, value, dk, dv))
+            prompt, row_runs = ctx.runs[row]
+            for a, e in row_runs:
+                pre = prompt if a else 0
+                args = (do[:, :, a:e].contiguous(), q[:, :, a:e])
+                saved = (o[:, :, a:e].contiguous(), lse[row, :, :, a:e].contiguous())
+                for lo, hi, causal in ((a, e, True), (0, pre, False)):
+                    if hi == lo:
+                        continue
+                    kk, vv = _heads(k[:, lo:hi], g), _heads(v[:, lo:hi], g)
+                    dq_, dk_, dv_ = _bwd(*args, kk, vv, *saved, 0.0, causal, scale=ctx.scale)
+                    dq_row[:, :, a:e] += dq_
+                    dk_row[:, lo:hi] += dk_.sum(1)
+                    dv_row[:, lo:hi] += dv_.sum(1)
+        return dq, dk, dv, None, None
 
 
 def branch_runs(mask: AttentionMask, row: int) -> list[tuple[int, int]]:
@@ -93,24 +134,10 @@ def branch_runs(mask: AttentionMask, row: int) -> list[tuple[int, int]]:
 def packed_attention(query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask, scale: float):
     """Megatron layout in and out: query ``[s, b, np, hn]``, key/value ``[s, b, ng, hn]`` →
     ``[s, b, np·hn]``; rows are packed shared-prefix rows described by ``mask``."""
-    s, b, nh, hn = query.shape
-    groups = key.shape[2]
     # megatron's value is a view into the fused QKV projection output: saving views of it
     # would keep all of q, k, v (pre-RoPE) alive per layer; a compact copy keeps v only
-    value = value.contiguous()
-    outs = []
-    for row in range(b):
-        q = query[:, row].permute(1, 0, 2).reshape(groups, nh // groups, s, hn)
-        k, v = (t[:, row].permute(1, 0, 2) for t in (key, value))  # [G, s, hn]
-        runs = branch_runs(mask, row)
-        prompt = runs[0][1] if int(mask.branch[row, 0]) == 0 else 0
-        parts = []
-        for a, e in runs:
-            pre = prompt if a else 0
-            parts.append(
-                _PrefixBranchAttention.apply(
-                    q[:, :, a:e], k[:, :pre], v[:, :pre], k[:, a:e], v[:, a:e], scale
-                )
-            )
-        outs.append(torch.cat(parts, dim=2).reshape(nh, s, hn))
-    return torch.stack(outs, dim=1).permute(2, 1, 0, 3).reshape(s, b, nh * hn)
+    runs = []
+    for row in range(query.shape[1]):
+        row_runs = branch_runs(mask, row)
+        runs.append((row_runs[0][1] if int(mask.branch[row, 0]) == 0 else 0, row_runs))
+    return _PackedRows.apply(query, key, value.contiguous(), runs, scale)
