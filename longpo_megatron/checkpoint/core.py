@@ -178,16 +178,20 @@ def _prepare_tmp(root: Path, tmp: Path, common: dict[str, Any]) -> None:
     (full disk, quota, read-only mount) rank 0 would raise while the other ranks wait in the
     sharded save until the collective timeout. Writing the same state here first, where the
     failure is agreed on by every rank, turns that hang into one named error on every rank.
-    megatron overwrites the probe with its own copy.
+    The probe is removed again: megatron expects an empty directory (else it warns that it is
+    overwriting a corrupted checkpoint) and writes its own copy.
     """
     root.mkdir(parents=True, exist_ok=True)
     paths.clear_leftovers(root)
     tmp.mkdir()
     probe = tmp / storage.COMMON_FILE
-    with open(probe, "wb") as f:
-        torch.save(common, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(probe, "wb") as f:
+            torch.save(common, f)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _on_rank0_agreed(fn: Callable[[], None], what: str) -> None:
