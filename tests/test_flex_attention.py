@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from parity_common import rel_err
-from test_shared_prefix import _dataset, turn_data  # noqa: F401  (fixture)
+from test_shared_prefix import _dataset, synthetic_packed_mask, turn_data  # noqa: F401
 
 from longpo_megatron.context_parallel import local_token_index, packed_attention_mask
 from longpo_megatron.model.attention_mask import AttentionMask
@@ -248,14 +248,7 @@ def check_flex_attention(
     (the GPU tier runs it on CUDA, where flex_attention is compiled)."""
     from longpo_megatron.model.attention import FlexCoreAttention
 
-    rows = len(prefixes)
-    order = torch.zeros(rows, seq, dtype=torch.int64)
-    br = torch.full((rows, seq), 2, dtype=torch.int64)
-    for r, k in enumerate(prefixes):
-        br[r, :k], br[r, k : k + branch] = 0, 1
-        order[r, : k + branch] = torch.arange(k + branch)
-        order[r, k + branch :] = torch.arange(k, k + seq - k - branch)
-    mask = AttentionMask(order=order, branch=br).to(device)
+    mask = synthetic_packed_mask(seq, prefixes, branch).to(device)
     _check_module(_core(FlexCoreAttention).to(device), mask, device=device, tol=tol)
 
 

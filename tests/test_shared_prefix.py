@@ -125,6 +125,21 @@ def test_shared_prefix_parity(name, turn_data, tmp_path):
     print(f"shared {name}: loss {logged['history'][-1]['loss']:.6f}")
 
 
+def synthetic_packed_mask(seq: int, prefixes: tuple[int, ...], branch: int):
+    """Packed rows of ``seq`` tokens: row r is a shared prompt of ``prefixes[r]`` tokens, a
+    chosen branch of ``branch`` tokens, then the rejected branch (to the end of the row)."""
+    from longpo_megatron.model.attention_mask import AttentionMask
+
+    rows = len(prefixes)
+    order = torch.zeros(rows, seq, dtype=torch.int64)
+    br = torch.full((rows, seq), 2, dtype=torch.int64)
+    for r, k in enumerate(prefixes):
+        br[r, :k], br[r, k : k + branch] = 0, 1
+        order[r, : k + branch] = torch.arange(k + branch)
+        order[r, k + branch :] = torch.arange(k, k + seq - k - branch)
+    return AttentionMask(order=order, branch=br)
+
+
 def check_packed_attention(device: str, seq: int, prefixes: tuple[int, ...], branch: int) -> None:
     """LocalCoreAttention on packed rows (no CP) vs the blockwise kernel, GQA, fwd + bwd."""
     from megatron.core.transformer.enums import AttnMaskType
@@ -132,7 +147,6 @@ def check_packed_attention(device: str, seq: int, prefixes: tuple[int, ...], bra
     from parity_common import rel_err
 
     from longpo_megatron.model.attention import LocalCoreAttention
-    from longpo_megatron.model.attention_mask import AttentionMask
     from longpo_megatron.model.blockwise_attention import blockwise_attention
 
     heads, groups, dim = 4, 2, 16
@@ -146,13 +160,7 @@ def check_packed_attention(device: str, seq: int, prefixes: tuple[int, ...], bra
     )
     attn = LocalCoreAttention(cfg, 1, AttnMaskType.causal, "self").to(device)
     rows = len(prefixes)
-    order = torch.zeros(rows, seq, dtype=torch.int64)
-    br = torch.full((rows, seq), 2, dtype=torch.int64)
-    for r, k in enumerate(prefixes):
-        br[r, :k], br[r, k : k + branch] = 0, 1
-        order[r, : k + branch] = torch.arange(k + branch)
-        order[r, k + branch :] = torch.arange(k, k + seq - k - branch)
-    mask = AttentionMask(order=order, branch=br).to(device)
+    mask = synthetic_packed_mask(seq, prefixes, branch).to(device)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def mk(h):  # [s, b, h, d], megatron's layout
