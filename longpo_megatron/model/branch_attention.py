@@ -4,9 +4,11 @@ A packed row is ``[shared prompt | branch 1 | branch 2 | …]`` (padding joins t
 the prompt attends causally to itself and each branch to the whole prompt and causally to
 itself (``AttentionMask`` with ``order`` = position ids restarting at the prompt's end per
 branch). Per row this is, with the flash kernel that returns the log-sum-exp:
-- the prompt: causal self-attention;
-- each branch: (a) its queries against the prompt keys, no mask, and (b) against its own keys,
-  causal square; the two partial softmaxes are merged by their log-sum-exps.
+- ONE call for every query of the row against the prompt keys with the kernel's top-left causal
+  mask: a prompt query ``i`` sees keys ``≤ i`` (causal), a branch query (index ≥ the prompt's
+  length) sees the whole prompt (no mask) — the prompt and every branch's prompt part at once;
+- per branch, its queries against its own keys, causal square; the two partial softmaxes are
+  merged by their log-sum-exps.
 The backward of each part runs the flash backward with the MERGED output and log-sum-exp, which
 gives that part's exact share of the gradient (the identity ring attention uses). Saved per layer:
 q, k, v, the output (the very tensor ``linear_proj`` saves) and one log-sum-exp per query — no
@@ -29,20 +31,14 @@ def _heads(kv: Tensor, group: int) -> Tensor:
     return kv.unsqueeze(1).expand(kv.shape[0], group, kv.shape[1], kv.shape[2])
 
 
-def _run_forward(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_own: Tensor, v_own: Tensor, scale):
-    """One run's queries ``[G, g, L, d]`` against the prefix keys (all visible; may be empty)
-    and causally against their own keys (k/v ``[G, s_*, d]``): (output, log-sum-exp)."""
-    g = q.shape[1]
-    out, lse = _fwd(q, _heads(k_own, g), _heads(v_own, g), is_causal=True, scale=scale)
-    if k_pre.shape[1]:
-        out_pre, lse_pre = _fwd(q, _heads(k_pre, g), _heads(v_pre, g), scale=scale)
-        merged = torch.logaddexp(lse, lse_pre)
-        out = (
-            out.float() * (lse - merged).exp()[..., None]
-            + out_pre.float() * (lse_pre - merged).exp()[..., None]
-        )
-        out, lse = out.to(q.dtype), merged
-    return out, lse
+def _merge(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Two partial softmax attentions over disjoint key sets → the attention over their union."""
+    merged = torch.logaddexp(lse, lse_b)
+    full = (
+        out.float() * (lse - merged).exp()[..., None]
+        + out_b.float() * (lse_b - merged).exp()[..., None]
+    )
+    return full.to(out.dtype), merged
 
 
 def _row(t: Tensor, row: int, groups: int) -> Tensor:
@@ -68,11 +64,17 @@ class _PackedRows(torch.autograd.Function):
             q, o = _row(query, row, groups), _row(out, row, groups)
             k, v = (t[:, row].permute(1, 0, 2) for t in (key, value))  # [G, s, hn]
             prompt, row_runs = runs[row]
-            for a, e in row_runs:
-                pre = prompt if a else 0
-                part, part_lse = _run_forward(
-                    q[:, :, a:e], k[:, :pre], v[:, :pre], k[:, a:e], v[:, a:e], scale
-                )
+            g = q.shape[1]
+            if prompt:  # the prompt causally, every branch query against the whole prompt
+                kp, vp = _heads(k[:, :prompt], g), _heads(v[:, :prompt], g)
+                pre, pre_lse = _fwd(q, kp, vp, is_causal=True, scale=scale)
+                o[:, :, :prompt] = pre[:, :, :prompt]
+                lse[row, :, :, :prompt] = pre_lse[..., :prompt]
+            for a, e in row_runs[1:] if prompt else row_runs:
+                ko, vo = _heads(k[:, a:e], g), _heads(v[:, a:e], g)
+                part, part_lse = _fwd(q[:, :, a:e], ko, vo, is_causal=True, scale=scale)
+                if prompt:
+                    part, part_lse = _merge(part, part_lse, pre[:, :, a:e], pre_lse[..., a:e])
                 o[:, :, a:e] = part
                 lse[row, :, :, a:e] = part_lse
         result = out.view(s, b, nh * hn)
@@ -92,18 +94,17 @@ class _PackedRows(torch.autograd.Function):
             dq_row = _row(dq, row, groups)
             k, v, dk_row, dv_row = (t[:, row].permute(1, 0, 2) for t in (key, value, dk, dv))
             prompt, row_runs = ctx.runs[row]
-            for a, e in row_runs:
-                pre = prompt if a else 0
+            # (query span, key span) of each flash call of the forward, all causal (top-left)
+            calls = [((0, s), (0, prompt))] if prompt else []
+            calls += [((a, e), (a, e)) for a, e in (row_runs[1:] if prompt else row_runs)]
+            for (a, e), (lo, hi) in calls:
                 args = (do[:, :, a:e].contiguous(), q[:, :, a:e])
                 saved = (o[:, :, a:e].contiguous(), lse[row, :, :, a:e].contiguous())
-                for lo, hi, causal in ((a, e, True), (0, pre, False)):
-                    if hi == lo:
-                        continue
-                    kk, vv = _heads(k[:, lo:hi], g), _heads(v[:, lo:hi], g)
-                    dq_, dk_, dv_ = _bwd(*args, kk, vv, *saved, 0.0, causal, scale=ctx.scale)
-                    dq_row[:, :, a:e] += dq_
-                    dk_row[:, lo:hi] += dk_.sum(1)
-                    dv_row[:, lo:hi] += dv_.sum(1)
+                kk, vv = _heads(k[:, lo:hi], g), _heads(v[:, lo:hi], g)
+                dq_, dk_, dv_ = _bwd(*args, kk, vv, *saved, 0.0, True, scale=ctx.scale)
+                dq_row[:, :, a:e] += dq_
+                dk_row[:, lo:hi] += dk_.sum(1)
+                dv_row[:, lo:hi] += dv_.sum(1)
         return dq, dk, dv, None, None
 
 
