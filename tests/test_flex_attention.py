@@ -304,3 +304,36 @@ def test_flex_layer_spec_uses_flex_core_attention():
 
     assert core("none") is FlexCoreAttention
     assert core("selective") is RecomputedFlexCoreAttention
+
+
+def test_mask_layouts_are_built_once_per_micro_batch(monkeypatch, turn_data):  # noqa: F811
+    """Every layer gets the same mask: the branch runs (local) and the BlockMask (flex) are
+    derived once from it, not once per layer; a CP copy of the mask derives its own."""
+    from longpo_megatron.model import branch_attention, flex_attention
+    from longpo_megatron.model.attention import FlexCoreAttention, LocalCoreAttention
+
+    calls = {"runs": 0, "blocks": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        branch_attention, "branch_runs", counted("runs", branch_attention.branch_runs)
+    )
+    monkeypatch.setattr(
+        flex_attention, "block_classes", counted("blocks", flex_attention.block_classes)
+    )
+    mask = _layout("packed_3turn", turn_data)
+    rows, seq = mask.order.shape
+    q, k, v = _qkv(rows, seq)
+    layers = [_core(LocalCoreAttention), _core(LocalCoreAttention)]
+    first, second = (layer(q, k, v, mask) for layer in layers)
+    assert calls["runs"] == rows and torch.equal(first, second)
+    for layer in (_core(FlexCoreAttention), _core(FlexCoreAttention)):
+        layer(q, k, v, mask)
+    assert calls["blocks"] == 1
+    assert mask._derived and not mask.with_queries(torch.arange(seq))._derived

@@ -11,8 +11,9 @@ cover the whole sequence and ``query_index`` says which global tokens this rank'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Optional
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -32,6 +33,8 @@ class AttentionMask:
     """[b, S] int64 branch ids (0 = shared trunk), or None for no branches."""
     query_index: Optional[Tensor] = None
     """[s_q] global indices of the local queries (CP); None means all S tokens."""
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Layouts derived from this mask (:meth:`derived`); a copy or ``replace`` starts empty."""
 
     @classmethod
     def causal(cls, batch: int, seq_len: int, device=None) -> AttentionMask:
@@ -47,6 +50,14 @@ class AttentionMask:
     def with_queries(self, query_index: Tensor) -> AttentionMask:
         """The same mask for a subset of queries (this CP rank's tokens)."""
         return replace(self, query_index=query_index)
+
+    def derived(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()`` once per mask object and ``key``: every layer of a micro-batch gets the
+        same mask, so a layout derived from it (branch runs, a flex ``BlockMask``) is built
+        once per micro-batch instead of once per layer."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def query_global(self, local: Tensor) -> Tensor:
         """Global token indices of local query positions ``local``."""

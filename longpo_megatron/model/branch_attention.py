@@ -132,13 +132,19 @@ def branch_runs(mask: AttentionMask, row: int) -> list[tuple[int, int]]:
     return runs
 
 
+def _all_runs(mask: AttentionMask, rows: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """(end of the shared prompt or 0, :func:`branch_runs`) of every row."""
+    runs = []
+    for row in range(rows):
+        row_runs = branch_runs(mask, row)
+        runs.append((row_runs[0][1] if int(mask.branch[row, 0]) == 0 else 0, row_runs))
+    return runs
+
+
 def packed_attention(query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask, scale: float):
     """Megatron layout in and out: query ``[s, b, np, hn]``, key/value ``[s, b, ng, hn]`` →
     ``[s, b, np·hn]``; rows are packed shared-prefix rows described by ``mask``."""
     # megatron's value is a view into the fused QKV projection output: saving views of it
     # would keep all of q, k, v (pre-RoPE) alive per layer; a compact copy keeps v only
-    runs = []
-    for row in range(query.shape[1]):
-        row_runs = branch_runs(mask, row)
-        runs.append((row_runs[0][1] if int(mask.branch[row, 0]) == 0 else 0, row_runs))
+    runs = mask.derived(("branch_runs", query.shape[1]), lambda: _all_runs(mask, query.shape[1]))
     return _PackedRows.apply(query, key, value.contiguous(), runs, scale)

@@ -134,7 +134,8 @@ def flex_attend(
     q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float, block: int = BLOCK
 ) -> Tensor:
     """``softmax(q kᵀ·scale + mask) v`` for q ``[b, h, sq, d]``, k/v ``[b, hk, S, d]`` (GQA)."""
-    block_mask = flex_block_mask(mask, q.shape[2], k.shape[2], block)
+    shape = (q.shape[2], k.shape[2], block)
+    block_mask = mask.derived(("flex", *shape), lambda: flex_block_mask(mask, *shape))
     if not q.is_cuda:
         return _eager(q, k, v, block_mask, scale)
     gqa = k.shape[1] != q.shape[1]
