@@ -22,7 +22,6 @@ from longpo_megatron.eval.tasks import LOOKUP_KEYS, TaskOptions, generate
 
 MODEL = pretrain.DEFAULT_OUT
 ROOT = Path(__file__).resolve().parents[1]
-FACT = r"The code of (\w+) is (\d+)\."
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +34,7 @@ def count_of(tok: HFChatTokenizer):
 
 
 def facts_in(text: str) -> list[tuple[str, str]]:
-    import re
-
-    return re.findall(FACT, text)
+    return list(world.parse_facts(text).items())
 
 
 def test_long_documents_keep_the_contract(tok: HFChatTokenizer) -> None:
@@ -64,17 +61,18 @@ def test_long_documents_keep_the_contract(tok: HFChatTokenizer) -> None:
 
 def test_keys_and_values_are_single_tokens(tok: HFChatTokenizer) -> None:
     words = [f" {k}" for k in LOOKUP_KEYS] + [f" {v}" for v in world.all_values()]
-    assert all(len(tok.encode(w)) == 1 for w in words + world.all_values())
+    assert all(len(tok.encode(w)) == 1 for w in words)
     assert tok.vocab_size % 64 == 0
 
 
 def test_training_dialogues_match_what_datagen_and_eval_ask(tok: HFChatTokenizer) -> None:
     """Question-writing targets parse with datagen's parser; answer turns are the eval task's
-    prompts (context + blank line + question) and values."""
+    prompts (context + blank line + question) and the fact's sentence (its value the very token
+    of the context); recitations repeat their context exactly."""
     rng = random.Random(0)
     kinds = Counter()
-    for _ in range(200):
-        pairs = world.training_dialogue(rng, rng.randint(3, 12), 4)
+    for _ in range(300):
+        pairs = world.training_dialogue(rng, rng.randint(3, 12), 4, copy=0.2, recite=0.1)
         first_user, first_answer = pairs[0]
         facts = dict(facts_in(first_user))
         if first_user.endswith("questions about the text above."):
@@ -82,13 +80,24 @@ def test_training_dialogues_match_what_datagen_and_eval_ask(tok: HFChatTokenizer
             parsed = parse_questions(first_answer, world.NUM_QUESTIONS)
             assert parsed.reason is None
             assert [q.split()[-1].rstrip("?") in facts for q in parsed.questions] == [True] * 3
+        elif first_user.endswith(world.RECITE_REQUEST):
+            kinds["recite" if facts else "copy"] += 1
+            assert first_user == f"{first_answer}\n\n{world.RECITE_REQUEST}" and len(pairs) == 1
+            words = first_answer.split()
+            if not facts:
+                assert world.COPY_WORDS[0] <= len(words) <= world.COPY_WORDS[1]
+                assert set(words) <= set(LOOKUP_KEYS) | set(world.all_values())
         else:
             kinds["answer"] += 1
             context, question = first_user.rsplit("\n\n", 1)
-            assert facts[question.split()[-1].rstrip("?")] == first_answer
+            key = question.split()[-1].rstrip("?")
+            assert first_answer == f" {key} {facts[key]}"
+            assert tok.encode(first_answer) == tok.encode(f" {key}") + tok.encode(f" {facts[key]}")
         for question, answer in pairs[1:]:
-            assert facts[question.split()[-1].rstrip("?")] == answer
+            key = question.split()[-1].rstrip("?")
+            assert answer == world.Fact(key, facts[key]).answer
     assert kinds["write"] > 20 and kinds["answer"] > 100
+    assert 40 < kinds["copy"] < 80 and 15 < kinds["recite"] < 45
     sample = generate("lookup", 100, 0.5, 0, 0, count_of(tok), TaskOptions(value_digits=2))
     key = sample.question.split()[-1].rstrip("?")
     assert sample.question == world.Fact(key, "10").question  # longpo-eval asks the same
@@ -175,6 +184,20 @@ def test_shipped_model_loads_converts_and_verifies() -> None:
     assert acc["long_length"] >= world.LONG_FACTOR * world.SHORT_CONTEXT
 
 
+def test_shipped_model_knows_the_short_skill_only() -> None:
+    """What the demo needs of its starting model, from its own measurements: the lookup found
+    within the trained length (held-out, and greedy through longpo-eval at the shallow depths),
+    questions it can write, and the long length not solved already."""
+    acc = json.loads((MODEL / "accuracy.json").read_text())
+    last = json.loads((MODEL / "train_log.jsonl").read_text().splitlines()[-1])
+    recipe = json.loads((MODEL / "recipe.json").read_text())["recipe"]
+    assert last[f"lookup_acc_{recipe['max_facts']}_facts"] >= 0.9
+    short = [c for c in acc["lookup"]["cells"] if c["length"] == acc["lookup"]["short_length"]]
+    assert min(c["accuracy"]["contains"] for c in short if c["depth"] <= 0.5) >= 0.8
+    assert acc["lookup"]["long_accuracy"] <= acc["lookup"]["short_accuracy"] - 0.3
+    assert acc["questions"]["parse_ok"] >= 0.5
+
+
 def test_corrupted_or_missing_file_is_refused(tmp_path: Path) -> None:
     copy = tmp_path / "model"
     shutil.copytree(MODEL, copy)
@@ -230,3 +253,19 @@ def test_bad_flag_is_one_error_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "--steps" in proc.stderr and "Traceback" not in proc.stderr
+    bad = r"--copy-fraction \+ --recite-fraction = 1\.1"
+    with pytest.raises(pretrain.PretrainError, match=bad):
+        pretrain.parse_args(["--copy-fraction", "0.9", "--recite-fraction", "0.2"])
+    with pytest.raises(pretrain.PretrainError, match="--copy-warmup-fraction = -0.1"):
+        pretrain.parse_args(["--copy-warmup-fraction", "-0.1"])
+
+
+def test_copy_warm_up_then_the_mix() -> None:
+    """The first copy_warmup_steps batches are (nearly) all copies; then the recipe's mix."""
+    recipe = pretrain.Recipe(copy_warmup_steps=5, copy_warmup_fraction=0.9)
+    assert pretrain.mix_at(recipe, 4) == (0.9, 0.0)
+    assert pretrain.mix_at(recipe, 5) == (recipe.copy_fraction, recipe.recite_fraction)
+    rng = random.Random(0)
+    warm = [world.training_dialogue(rng, 4, 3, True, 0.9, 0.0) for _ in range(400)]
+    copies = sum(p[0][0].endswith(world.RECITE_REQUEST) and not facts_in(p[0][0]) for p in warm)
+    assert 330 < copies < 390

@@ -118,6 +118,7 @@ def render_record(
     first = None
     if isinstance(tokenizer, ByteChatTokenizer):
         first = tokenizer.encode(long_pairs(record, "chosen")[0][0])
+
     def render(pairs: Pairs, short: bool = False) -> ShortSeq:
         return render_fast(tokenizer, pairs, None if short else first)
 

@@ -50,7 +50,7 @@ class PretrainError(UserError, ValueError):
 class Recipe:
     """Every setting of a pretraining run (stored as recipe.json next to the model)."""
 
-    steps: int = 2400
+    steps: int = 5000
     """Optimizer steps (the LR schedule and the curriculum are laid out over them)."""
     minutes: Optional[float] = None
     """Wall-clock budget: stop early (after a whole step) when it is spent; null = none."""
@@ -61,8 +61,8 @@ class Recipe:
     """Seeds the weights, the tokenizer corpus and every batch (batch k is a function of it)."""
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda."""
-    threads: int = 2
-    """torch CPU threads."""
+    threads: int = 1
+    """torch CPU threads (a rerun reproduces the weights with the same count)."""
     batch_size: int = 32
     """Dialogues per step."""
     lr: float = 2e-3
@@ -88,14 +88,26 @@ class Recipe:
     """Dialogues of the tokenizer's training corpus."""
     min_facts: int = 2
     """Facts per context at the start of the curriculum."""
-    max_facts: int = 14
-    """Facts per context at its end (about SHORT_CONTEXT tokens)."""
-    curriculum_fraction: float = 0.5
+    max_facts: int = 12
+    """Facts per context at its end (≈ 50 tokens; question turns fill the rest of SHORT_CONTEXT;
+    the lookup found by induction carries over to the ≈ 28 facts of the short evaluation)."""
+    curriculum_fraction: float = 0.6
     """Share of the steps over which the largest fact count grows from min to max."""
     max_turns: int = 8
     """Question/answer turns per dialogue (as many as fit SHORT_CONTEXT)."""
-    repeat_questions: bool = False
+    repeat_questions: bool = True
     """Ask facts again until max_turns (more lookups per sequence when there are few facts)."""
+    copy_fraction: float = 0.3
+    """Share of dialogues that repeat random keys and values (world.copy_dialogue): the dense
+    copy signal that forms induction heads; without it the lookup stays at chance."""
+    recite_fraction: float = 0.15
+    """Share of dialogues that repeat a context of facts (world.recite_dialogue): a lookup
+    target at every fact."""
+    copy_warmup_steps: int = 400
+    """First steps in which ``copy_warmup_fraction`` of the dialogues are copies: the induction
+    heads form there (a lookup-only start sat at chance for thousands of steps)."""
+    copy_warmup_fraction: float = 0.9
+    """Share of copy dialogues during the warm-up."""
     eval_every: int = 100
     """Steps between held-out lookup checks (train_log.jsonl)."""
     eval_samples: int = 20
@@ -136,7 +148,6 @@ def build_tokenizer(path: Path, recipe: Recipe) -> Any:
         )  # fmt: skip
         tok.save_pretrained(str(path))
     words = [f" {k}" for k in LOOKUP_KEYS] + [f" {v}" for v in world.all_values()]
-    words += world.all_values()
     split = [w for w in words if len(tok.encode(w, add_special_tokens=False)) != 1]
     if split:
         raise PretrainError(
@@ -187,6 +198,14 @@ def facts_at(recipe: Recipe, step: int, rng: random.Random) -> int:
     return hi if rng.random() < 0.5 else rng.randint(recipe.min_facts, hi)
 
 
+def mix_at(recipe: Recipe, step: int) -> tuple[float, float]:
+    """(copy, recite) shares of the dialogues of batch ``step``: copies only, nearly, during
+    the warm-up."""
+    if step < recipe.copy_warmup_steps:
+        return recipe.copy_warmup_fraction, 0.0
+    return recipe.copy_fraction, recipe.recite_fraction
+
+
 def make_batch(recipe: Recipe, renderer: Renderer, step: int) -> tuple[Any, Any]:
     """(input ids, labels) of batch ``step``: a pure function of (seed, step)."""
     rng = random.Random(f"batch:{recipe.seed}:{step}")
@@ -195,7 +214,13 @@ def make_batch(recipe: Recipe, renderer: Renderer, step: int) -> tuple[Any, Any]
         n = facts_at(recipe, step, rng)
         while n >= recipe.min_facts:
             row = renderer.render(
-                world.training_dialogue(rng, n, recipe.max_turns, recipe.repeat_questions),
+                world.training_dialogue(
+                    rng,
+                    n,
+                    recipe.max_turns,
+                    recipe.repeat_questions,
+                    *mix_at(recipe, step),
+                ),
                 world.SHORT_CONTEXT,
             )
             if row is not None:
@@ -218,29 +243,34 @@ def collate(rows: list[tuple[list, list]], pad: int) -> tuple[Any, Any]:
     return ids, labels
 
 
-def heldout(renderer: Renderer, n_facts: int, count: int, seed: int) -> tuple[Any, Any]:
-    """Single-question lookups over ``n_facts`` facts (never a training batch's seed)."""
+def heldout(renderer: Renderer, n_facts: int, count: int, seed: int) -> tuple[Any, Any, Any]:
+    """Single-question lookups over ``n_facts`` facts (never a training batch's seed): ids,
+    labels and the position of each row's answer value."""
+    import torch
+
     rng = random.Random(f"heldout:{seed}:{n_facts}")
-    rows = []
+    rows, where = [], []
     while len(rows) < count:
         pairs = world.answer_dialogue(rng, world.draw_facts(rng, n_facts), 1)
         row = renderer.render(pairs, world.SHORT_CONTEXT)
         if row is not None:
+            value = renderer.encode(" " + pairs[0][1].split()[-1])
+            ids, mask = row
+            where.append(max(i for i, (t, m) in enumerate(zip(ids, mask)) if m and [t] == value))
             rows.append(row)
-    return collate(rows, renderer.pad)
+    return (*collate(rows, renderer.pad), torch.tensor(where))
 
 
-def lookup_accuracy(model: Any, batch: tuple[Any, Any], device: Any) -> float:
+def lookup_accuracy(model: Any, batch: tuple[Any, Any, Any], device: Any) -> float:
     """Share of held-out answers whose value token is the argmax (teacher forced)."""
     import torch
 
-    ids, labels = batch
+    ids, _, where = batch
     with torch.no_grad():
         logits = model(input_ids=ids.to(device)).logits
-    first = (labels != -100).float().argmax(-1)  # the value token of each row
     rows = torch.arange(len(ids))
-    pred = logits[rows, first.to(device) - 1].argmax(-1).cpu()
-    return float((pred == labels[rows, first]).float().mean())
+    pred = logits[rows, where.to(device) - 1].argmax(-1).cpu()
+    return float((pred == ids[rows, where]).float().mean())
 
 
 # --- model and training -----------------------------------------------------------------------
@@ -437,8 +467,7 @@ def measure_questions(model_dir: Path, recipe: Recipe) -> dict[str, Any]:
         ok += parsed.reason is None
         for q in parsed.questions:
             asked += 1
-            key = q.rstrip("?").split()[-1]
-            grounded += f"The code of {key} is" in chunk
+            grounded += q.rstrip("?").split()[-1] in world.parse_facts(chunk)
     return {
         "chunks": len(chunks),
         "parse_ok": ok / max(1, len(chunks)),
@@ -553,6 +582,12 @@ def parse_args(argv: Optional[list[str]]) -> tuple[Recipe, Path, bool]:
     recipe = Recipe(**ns)
     if recipe.steps < 1 or recipe.batch_size < 1 or recipe.max_facts < recipe.min_facts:
         raise PretrainError("need --steps >= 1, --batch-size >= 1 and --max-facts >= --min-facts")
+    for copy, recite, names in (
+        (recipe.copy_fraction, recipe.recite_fraction, "--copy-fraction + --recite-fraction"),
+        (recipe.copy_warmup_fraction, 0.0, "--copy-warmup-fraction"),
+    ):
+        if min(copy, recite) < 0 or copy + recite > 1:
+            raise PretrainError(f"{names} = {copy + recite:g}: shares must be >= 0, at most 1")
     return recipe, out, not no_measure
 
 

@@ -1,4 +1,4 @@
-"""The text domain of the CPU demo: facts ``The code of <key> is <value>.``, one per line.
+"""The text domain of the CPU demo: facts ``- <key> <value>`` (the code of a key), one per line.
 
 Everything here is a pure function of its seed. The keys are the made-up one-word keys of the
 ``lookup`` task of ``longpo-eval`` (longpo_megatron/eval/tasks.py) and the values two-digit
@@ -6,7 +6,8 @@ numbers, so the demo model's BPE tokenizer (trained on this text by ``longpo-dem
 every key and every value as a single token. The same domain serves three uses:
 
 - pretraining the short-context starting model (:func:`training_dialogue`: contexts of at most
-  :data:`SHORT_CONTEXT` tokens, answers to ``What is the code of <key>?`` and numbered questions);
+  :data:`SHORT_CONTEXT` tokens, answers to ``What is the code of <key>?`` and numbered questions,
+  and recitations that teach the model to copy from its context);
 - the long documents that ``longpo-datagen`` chunks and asks about (:func:`long_documents`);
 - the ``lookup`` task of ``longpo-eval`` that measures the skill (:func:`eval_overrides`).
 """
@@ -14,6 +15,7 @@ every key and every value as a single token. The same domain serves three uses:
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,8 +38,14 @@ FACTS_PER_PARAGRAPH = (2, 4)
 """Facts per paragraph of a document (blank lines separate paragraphs: chunk boundaries)."""
 QUESTION_TEMPLATE = "{context}\n\nWrite {num_questions} questions about the text above."
 """datagen ``instructions.template``: what the model learnt to answer with numbered questions."""
-ANSWER_TOKENS = 4
-"""max_new_tokens of an answer (a value and its end of turn, with room to spare)."""
+ANSWER_TOKENS = 6
+"""max_new_tokens of an answer (key, value and end of turn, with room to spare)."""
+RECITE_REQUEST = "Repeat the text above."
+"""The user's request of a recitation dialogue (:func:`recite_dialogue`, :func:`copy_dialogue`)."""
+FACT_LINE = r"^- (\S+) (\d+)$"
+"""A fact line (:func:`parse_facts`)."""
+COPY_WORDS = (8, 24)
+"""(min, max) words of a :func:`copy_dialogue` (random keys and values)."""
 QUESTION_TOKENS = 48
 """max_new_tokens of the question-writing stage (NUM_QUESTIONS questions of ~10 tokens)."""
 
@@ -51,7 +59,7 @@ class WorldError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Fact:
-    """One ``The code of <key> is <value>.`` line."""
+    """One ``- <key> <value>`` line."""
 
     key: str
     value: str
@@ -63,6 +71,17 @@ class Fact:
     @property
     def question(self) -> str:
         return lookup_question(self.key)
+
+    @property
+    def answer(self) -> str:
+        """The assistant's answer: `` <key> <value>``, the tokens of the fact's line, so the
+        value is what follows the key in the context (a copy, not a remapping)."""
+        return f" {self.key} {self.value}"
+
+
+def parse_facts(text: str) -> dict[str, str]:
+    """key -> value of every fact line of ``text``."""
+    return dict(re.findall(FACT_LINE, text, flags=re.MULTILINE))
 
 
 def chunk_tokens() -> tuple[int, int]:
@@ -110,14 +129,15 @@ def answer_dialogue(
     rng: random.Random, facts: list[Fact], turns: int, repeat: bool = False
 ) -> list[tuple[str, str]]:
     """(user, assistant) turns: the context and a question, then more questions alone (as
-    the long sequences of LongPO records continue); each answer is the value. Every fact is
+    the long sequences of LongPO records continue); each answer is the fact's key and value
+    (:attr:`Fact.answer`). Every fact is
     asked once before ``repeat`` asks again (up to ``turns``: more lookups per sequence)."""
     context = layout(rng, facts, paragraphs=rng.random() < 0.5)
     asked = rng.sample(facts, min(turns, len(facts)))
     if repeat:
         asked += [rng.choice(facts) for _ in range(turns - len(asked))]
-    pairs = [(f"{context}\n\n{asked[0].question}", asked[0].value)]
-    return pairs + [(f.question, f.value) for f in asked[1:]]
+    pairs = [(f"{context}\n\n{asked[0].question}", asked[0].answer)]
+    return pairs + [(f.question, f.answer) for f in asked[1:]]
 
 
 def question_dialogue(rng: random.Random, facts: list[Fact], turns: int) -> list[tuple[str, str]]:
@@ -128,16 +148,48 @@ def question_dialogue(rng: random.Random, facts: list[Fact], turns: int) -> list
     context = layout(rng, facts, paragraphs=True)
     chosen = [facts[i] for i in sorted(rng.sample(range(len(facts)), NUM_QUESTIONS))]
     prompt = instruction_prompt(QUESTION_TEMPLATE, context, NUM_QUESTIONS)
-    answers = [(f.question, f.value) for f in rng.sample(chosen, len(chosen))]
+    answers = [(f.question, f.answer) for f in rng.sample(chosen, len(chosen))]
     return [(prompt, question_list(chosen))] + answers[: max(0, turns - 1)]
 
 
+def recite_dialogue(rng: random.Random, facts: list[Fact]) -> list[tuple[str, str]]:
+    """One turn: a context of facts and :data:`RECITE_REQUEST`; the answer is the context.
+    Every value of it follows its key, as in a lookup answer: a copy target at every fact
+    instead of one per question."""
+    context = layout(rng, facts, paragraphs=rng.random() < 0.5)
+    return [(f"{context}\n\n{RECITE_REQUEST}", context)]
+
+
+def copy_dialogue(rng: random.Random) -> list[tuple[str, str]]:
+    """One turn: random keys and values and :data:`RECITE_REQUEST`; the answer repeats them.
+    Nothing but the context predicts them: the dense signal that forms induction heads
+    (attend to the token after the previous occurrence of the current one), which a lookup
+    alone, one target per question, does not form in a CPU budget."""
+    words = [
+        rng.choice(LOOKUP_KEYS) if rng.random() < 0.5 else draw_value(rng)
+        for _ in range(rng.randint(*COPY_WORDS))
+    ]
+    text = " ".join(words)
+    return [(f"{text}\n\n{RECITE_REQUEST}", text)]
+
+
 def training_dialogue(
-    rng: random.Random, n_facts: int, turns: int, repeat: bool = False
+    rng: random.Random,
+    n_facts: int,
+    turns: int,
+    repeat: bool = False,
+    copy: float = 0.0,
+    recite: float = 0.0,
 ) -> list[tuple[str, str]]:
-    """One pretraining dialogue over ``n_facts`` fresh facts: a lookup dialogue, or (one in
-    four, when there are enough facts) a question-writing one."""
+    """One pretraining dialogue: with probability ``copy`` a :func:`copy_dialogue`, with
+    ``recite`` a :func:`recite_dialogue` of ``n_facts`` fresh facts; otherwise a lookup
+    dialogue over them, or (one in four, when there are enough facts) a question-writing one."""
+    draw = rng.random()
+    if draw < copy:
+        return copy_dialogue(rng)
     facts = draw_facts(rng, n_facts)
+    if draw < copy + recite:
+        return recite_dialogue(rng, facts)
     if n_facts >= NUM_QUESTIONS and rng.random() < 0.25:
         return question_dialogue(rng, facts, turns)
     return answer_dialogue(rng, facts, turns, repeat)
@@ -190,6 +242,9 @@ def datagen_overrides() -> list[str]:
         "chunking.boundary=paragraph",
         "filters.min_chars=2",
         "filters.min_alpha_fraction=0.0",
+        # the rejected answer is what the model says given the whole document: empty or cut
+        # off (no end of turn within ANSWER_TOKENS) is the long-context failure itself
+        "filters.check_rejected=false",
     ]
 
 
@@ -199,7 +254,7 @@ def eval_overrides() -> list[str]:
         "tasks=[lookup]",
         f"options.value_digits={VALUE_DIGITS}",
         "mode=generate",
-        "metric=exact",
+        "metric=contains",
         "depths=[0.0,0.25,0.5,0.75,1.0]",
         f"max_new_tokens={ANSWER_TOKENS}",
     ]

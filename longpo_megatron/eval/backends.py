@@ -74,12 +74,16 @@ class HFEvalBackend(HFBackend):
             attn[i, width - len(row) :] = 1
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = self._model(
-                input_ids=ids.to(self._device),
-                attention_mask=attn.to(self._device),
-                position_ids=positions.to(self._device),
-                logits_to_keep=keep,  # older transformers ignore it: slice below either way
-            ).logits[:, -keep:].float()
+            logits = (
+                self._model(
+                    input_ids=ids.to(self._device),
+                    attention_mask=attn.to(self._device),
+                    position_ids=positions.to(self._device),
+                    logits_to_keep=keep,  # older transformers ignore it: slice below either way
+                )
+                .logits[:, -keep:]
+                .float()
+            )
         logp = torch.log_softmax(logits[:, :-1], dim=-1).cpu()
         best = logits[:, :-1].argmax(-1).cpu()
         out = []

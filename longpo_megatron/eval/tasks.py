@@ -14,8 +14,8 @@ context without the needles) that comes before it; 0 = start of the context, 1 =
 Tasks (RULER's names): ``niah_single``, ``niah_multikey``, ``niah_multivalue``,
 ``niah_multiquery`` (needle retrieval), ``vt`` (variable tracking), ``cwe`` (aggregation: the
 most common words) and ``qa`` (question answering over a paragraph buried in distractors), plus
-``lookup`` (key -> value lookup in a dense list of one-line facts with made-up one-word keys: the
-domain of the CPU demo's starting model, see longpo_megatron/demo/world.py).
+``lookup`` (key -> value lookup in a dense list of ``- <key> <value>`` lines with made-up one-word
+keys: the domain of the CPU demo's starting model, see longpo_megatron/demo/world.py).
 """
 
 from __future__ import annotations
@@ -388,8 +388,9 @@ single tokens); a context never repeats a key, filler sentences follow when they
 
 
 def lookup_fact(key: str, value: str) -> str:
-    """lookup: one fact (one line of a context)."""
-    return f"The code of {key} is {value}."
+    """lookup: one fact, one line of a context: a list item, the value right after its key
+    (the layout a copy -- "the token after this key" -- answers)."""
+    return f"- {key} {value}"
 
 
 def lookup_question(key: str) -> str:

@@ -43,8 +43,8 @@ def reference_identity(cfg: Config) -> dict[str, Any]:
     model["reference_rotary_base"] = cfg.model.reference_rotary_base or cfg.model.rotary_base
     par = cfg.parallel  # a random init depends on the layout, loaded weights do not
     init = f"random init, seed {cfg.train.seed}, tp {par.tensor_model_parallel_size}, pp "
-    weights = cfg.reference.load or cfg.checkpoint.load or init + str(
-        par.pipeline_model_parallel_size
+    weights = (
+        cfg.reference.load or cfg.checkpoint.load or init + str(par.pipeline_model_parallel_size)
     )
     return {
         "model": model,
