@@ -124,6 +124,11 @@ class FilterConfig:
     """Fewer letters among non-space characters = ``meaningless``."""
     check_rejected: bool = True
     """Apply the filters to rejected answers too (the authors filter both)."""
+    keep_truncated_rejected: bool = False
+    """Keep pairs whose REJECTED answer was cut off at max_new_tokens (dropped even with
+    check_rejected=false otherwise): when the model never learnt long inputs, running on is the
+    long-context answer to push down (trained as generated, end of turn appended). An empty
+    answer has nothing to store and is still dropped."""
     drop_identical: bool = True
     """chosen == rejected carries no preference: ``identical``."""
 

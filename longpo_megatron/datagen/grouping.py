@@ -67,6 +67,8 @@ def pair_reason(
         if row["status"] != "ok":
             return f"{side}_{row['status']}"
         reason = filt.reason(row["text"], row["n_tokens"], row["finish_reason"])
+        if side == "rejected" and reason == "truncated" and filt.cfg.keep_truncated_rejected:
+            reason = None
         if reason and (side == "chosen" or check_rejected or reason in BASIC_REASONS):
             return f"{side}_{reason}"
     if filt.cfg.drop_identical and chosen["text"].strip() == rejected["text"].strip():

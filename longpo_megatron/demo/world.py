@@ -242,9 +242,10 @@ def datagen_overrides() -> list[str]:
         "chunking.boundary=paragraph",
         "filters.min_chars=2",
         "filters.min_alpha_fraction=0.0",
-        # the rejected answer is what the model says given the whole document: empty or cut
-        # off (no end of turn within ANSWER_TOKENS) is the long-context failure itself
+        # the rejected answer is what the model says given the whole document: running on
+        # past ANSWER_TOKENS is the long-context failure itself
         "filters.check_rejected=false",
+        "filters.keep_truncated_rejected=true",
     ]
 
 

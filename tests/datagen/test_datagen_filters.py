@@ -36,3 +36,21 @@ def test_good_answers_pass_and_limits_apply() -> None:
     assert AnswerFilter(FilterConfig(max_answer_tokens=10)).reason(good, 30, "stop") == "over_long"
     custom = AnswerFilter(FilterConfig(refusal_patterns=[r"\bwatches\b"]))
     assert custom.reason(good, 30, "stop") == "refusal"
+
+
+def test_truncated_rejected_answers_are_kept_only_when_asked() -> None:
+    """Cut-off REJECTED answers are dropped even with check_rejected=false, unless
+    keep_truncated_rejected; an empty one and a failed chosen answer are always dropped."""
+    from longpo_megatron.datagen.grouping import pair_reason
+
+    def row(text: str, finish: str = "stop") -> dict:
+        n = len(text.split())
+        return {"status": "ok", "text": text, "n_tokens": n, "finish_reason": finish}
+
+    good, empty, cut = row(" kavoxe 42"), row(""), row(" kavoxe kavoxe kav", "length")
+    for keep, want_cut in ((False, "rejected_truncated"), (True, None)):
+        filt = AnswerFilter(FilterConfig(check_rejected=False, keep_truncated_rejected=keep))
+        assert pair_reason(filt, good, cut, False) == want_cut
+        assert pair_reason(filt, good, empty, False) == "rejected_empty"
+        assert pair_reason(filt, empty, good, False) == "chosen_empty"
+        assert pair_reason(filt, cut, good, False) == "chosen_truncated"
