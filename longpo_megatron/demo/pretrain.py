@@ -465,9 +465,10 @@ def measure_questions(model_dir: Path, recipe: Recipe) -> dict[str, Any]:
             gen.text, world.NUM_QUESTIONS, truncated=gen.finish_reason == "length"
         )
         ok += parsed.reason is None
+        keys = world.parse_facts(chunk)
         for q in parsed.questions:
             asked += 1
-            grounded += q.rstrip("?").split()[-1] in world.parse_facts(chunk)
+            grounded += q.rstrip("?").split()[-1] in keys
     return {
         "chunks": len(chunks),
         "parse_ok": ok / max(1, len(chunks)),

@@ -42,8 +42,10 @@ ANSWER_TOKENS = 6
 """max_new_tokens of an answer (key, value and end of turn, with room to spare)."""
 RECITE_REQUEST = "Repeat the text above."
 """The user's request of a recitation dialogue (:func:`recite_dialogue`, :func:`copy_dialogue`)."""
-FACT_LINE = r"^- (\S+) (\d+)$"
-"""A fact line (:func:`parse_facts`)."""
+FACT_LINE = "^{}$".format(
+    re.escape(lookup_fact("KEY", "VALUE")).replace("KEY", r"(\S+)").replace("VALUE", r"(\d+)")
+)
+"""A fact line (:func:`parse_facts`), derived from the eval task's own ``lookup_fact``."""
 COPY_WORDS = (8, 24)
 """(min, max) words of a :func:`copy_dialogue` (random keys and values)."""
 QUESTION_TOKENS = 48
@@ -130,8 +132,8 @@ def answer_dialogue(
 ) -> list[tuple[str, str]]:
     """(user, assistant) turns: the context and a question, then more questions alone (as
     the long sequences of LongPO records continue); each answer is the fact's key and value
-    (:attr:`Fact.answer`). Every fact is
-    asked once before ``repeat`` asks again (up to ``turns``: more lookups per sequence)."""
+    (:attr:`Fact.answer`). Every fact is asked once before ``repeat`` asks again (up to
+    ``turns``: more lookups per sequence)."""
     context = layout(rng, facts, paragraphs=rng.random() < 0.5)
     asked = rng.sample(facts, min(turns, len(facts)))
     if repeat:

@@ -49,7 +49,7 @@ def _row(t: Tensor, row: int, groups: int) -> Tensor:
 
 class _PackedRows(torch.autograd.Function):
     """Every packed row of a micro-batch (``runs[row]``: the end of its shared prompt, 0 if
-    none, and the (start, end) of its prompt and branches). The merged outputs are written into
+    none, and the (start, end) of each branch). The merged outputs are written into
     ONE ``[s, b, np·hn]`` buffer, which is what the function returns (the tensor
     ``linear_proj`` saves as its input) and what its backward reads: the attention output is
     held once per layer, not once here and once there."""
@@ -63,14 +63,14 @@ class _PackedRows(torch.autograd.Function):
         for row in range(b):
             q, o = _row(query, row, groups), _row(out, row, groups)
             k, v = (t[:, row].permute(1, 0, 2) for t in (key, value))  # [G, s, hn]
-            prompt, row_runs = runs[row]
+            prompt, branches = runs[row]
             g = q.shape[1]
             if prompt:  # the prompt causally, every branch query against the whole prompt
                 kp, vp = _heads(k[:, :prompt], g), _heads(v[:, :prompt], g)
                 pre, pre_lse = _fwd(q, kp, vp, is_causal=True, scale=scale)
                 o[:, :, :prompt] = pre[:, :, :prompt]
                 lse[row, :, :, :prompt] = pre_lse[..., :prompt]
-            for a, e in row_runs[1:] if prompt else row_runs:
+            for a, e in branches:
                 ko, vo = _heads(k[:, a:e], g), _heads(v[:, a:e], g)
                 part, part_lse = _fwd(q[:, :, a:e], ko, vo, is_causal=True, scale=scale)
                 if prompt:
@@ -93,10 +93,10 @@ class _PackedRows(torch.autograd.Function):
             q, o, do = (_row(t, row, groups) for t in (query, out, dout))
             dq_row = _row(dq, row, groups)
             k, v, dk_row, dv_row = (t[:, row].permute(1, 0, 2) for t in (key, value, dk, dv))
-            prompt, row_runs = ctx.runs[row]
+            prompt, branches = ctx.runs[row]
             # (query span, key span) of each flash call of the forward, all causal (top-left)
             calls = [((0, s), (0, prompt))] if prompt else []
-            calls += [((a, e), (a, e)) for a, e in (row_runs[1:] if prompt else row_runs)]
+            calls += [((a, e), (a, e)) for a, e in branches]
             for (a, e), (lo, hi) in calls:
                 args = (do[:, :, a:e].contiguous(), q[:, :, a:e])
                 saved = (o[:, :, a:e].contiguous(), lse[row, :, :, a:e].contiguous())
@@ -133,11 +133,14 @@ def branch_runs(mask: AttentionMask, row: int) -> list[tuple[int, int]]:
 
 
 def _all_runs(mask: AttentionMask, rows: int) -> list[tuple[int, list[tuple[int, int]]]]:
-    """(end of the shared prompt or 0, :func:`branch_runs`) of every row."""
+    """(end of the shared prompt or 0, the (start, end) of each branch) of every row."""
     runs = []
     for row in range(rows):
         row_runs = branch_runs(mask, row)
-        runs.append((row_runs[0][1] if int(mask.branch[row, 0]) == 0 else 0, row_runs))
+        if int(mask.branch[row, 0]) == 0:
+            runs.append((row_runs[0][1], row_runs[1:]))
+        else:
+            runs.append((0, row_runs))
     return runs
 
 
