@@ -12,10 +12,12 @@ from dg_helpers import SHARD0, compose_cfg, rows, single_thread, small_corpus
 from longpo_megatron.data.dataset import load_dataset
 from longpo_megatron.data.tokenizer import HFChatTokenizer
 from longpo_megatron.datagen.backends import GenerationRequest, TokenizerMismatch, build_backend
+from longpo_megatron.datagen.backends.base import apply_config_overrides
 from longpo_megatron.datagen.cli import run
 from longpo_megatron.datagen.config import BackendConfig, SamplingConfig
 from longpo_megatron.datagen.pipeline import StageStateError
 from longpo_megatron.datagen.tiny_model import make_tiny_model
+from longpo_megatron.errors import UserError
 
 FAST = [
     "progress=false",
@@ -138,3 +140,29 @@ def test_rerun_of_a_finished_hf_shard_generates_nothing(
     assert (hybrid.dir / "records.jsonl").read_bytes() == before
     with pytest.raises(StageStateError, match=r"stage 'instructions' .*changed: \['backend'\]"):
         run(hf_cfg(tiny_model, hybrid.out, *SAMPLED))  # all: made by the scripted backend
+
+
+def test_config_overrides_reach_the_model_or_are_refused(tiny_model: Path) -> None:
+    """``rope_theta`` changes the rotary frequencies the loaded model uses (checked against
+    1/θ^(2i/d)); a key the config class does not define is an error, not silently dropped."""
+    import torch
+
+    cfg = BackendConfig(model=str(tiny_model), config_overrides={"rope_theta": 123456.0})
+    backend = build_backend(cfg)
+    backend._load()
+    inv_freq = backend._model.model.rotary_emb.inv_freq
+    dim = 2 * inv_freq.numel()
+    expected = 1.0 / 123456.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    torch.testing.assert_close(inv_freq.double(), expected, rtol=1e-5, atol=0)
+    with pytest.raises(UserError, match=r"backend\.config_overrides\.not_a_field: .*no field"):
+        build_backend(BackendConfig(model=str(tiny_model), config_overrides={"not_a_field": 1}))
+
+
+def test_rope_overrides_go_into_rope_parameters_on_transformers_5() -> None:
+    """transformers >= 5 keeps θ and the scaling in one ``rope_parameters`` dict and ignores a
+    top-level ``rope_theta``: the overrides are written into that dict."""
+    config = SimpleNamespace(rope_parameters={"rope_theta": 1e4, "rope_type": "default"})
+    scaling = {"rope_type": "yarn", "factor": 8.0}
+    apply_config_overrides(config, {"rope_theta": 1e6, "rope_scaling": scaling}, "m")
+    assert config.rope_parameters == {"rope_theta": 1e6, "rope_type": "yarn", "factor": 8.0}
+    assert not hasattr(config, "rope_theta")

@@ -89,6 +89,40 @@ def local_dir(value: Optional[str], key: str) -> str:
     return str(value)
 
 
+_ROPE_KEYS = ("rope_theta", "rope_scaling")
+"""Keys that transformers >= 5 keeps inside the config's one ``rope_parameters`` dict."""
+
+
+def _plain(value: Any) -> Any:
+    """A Hydra container (or anything dict-like) as plain dicts, so configs can hold it."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def apply_config_overrides(config: Any, overrides: Any, model: str) -> None:
+    """Set ``backend.config_overrides`` on a loaded HF ``config``, refusing any it would ignore.
+
+    ``AutoConfig.from_pretrained(**overrides)`` silently drops keys the config class does not
+    define (e.g. ``rope_scaling`` on a Mistral config), and transformers 5 also drops
+    ``rope_theta``, which moved into ``rope_parameters``: the model would run at its stored θ.
+    Here the RoPE keys go where the installed transformers reads them, and any other key must
+    be a field of the config.
+    """
+    rope = getattr(config, "rope_parameters", None)
+    for key, value in _plain(overrides or {}).items():
+        if key in _ROPE_KEYS and isinstance(rope, dict):
+            rope.update({"rope_theta": float(value)} if key == "rope_theta" else dict(value))
+        elif hasattr(config, key):
+            setattr(config, key, value)
+        else:
+            raise UserError(
+                f"backend.config_overrides.{key}: {type(config).__name__} of {model} has no "
+                f"field {key!r}, so the model would ignore the override (set it in the "
+                "model's config.json, or override a field the config has)"
+            )
+
+
 class HFTokenizerMixin:
     """Chat-template rendering and token counting with a local HF tokenizer."""
 
@@ -119,11 +153,9 @@ class HFTokenizerMixin:
         self.model_path = local_dir(cfg.model, "backend.model")
         self._load_tokenizer(cfg)
         self.model_config = AutoConfig.from_pretrained(
-            self.model_path,
-            local_files_only=True,
-            trust_remote_code=cfg.trust_remote_code,
-            **dict(cfg.config_overrides),
+            self.model_path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
         )
+        apply_config_overrides(self.model_config, cfg.config_overrides, self.model_path)
         self._check_model_vocab(self.model_path, int(self.model_config.vocab_size))
 
     def max_model_len(self) -> Optional[int]:
