@@ -28,8 +28,11 @@ LONG_FACTOR = 8
 """Long contexts (datagen documents, long evaluation) are at least this many times longer."""
 VALUE_DIGITS = 2
 """Digits of a value (10..99: one token each in the demo tokenizer)."""
-CHUNK_TOKENS = (40, 72)
-"""(min, max) tokens of a datagen chunk: a short context with several facts to ask about."""
+CHUNK_TOKENS = (20, 36)
+"""(min, max) tokens of a datagen chunk: 5-9 facts to ask about, and short enough that the chunk
+prompt (template + chunk + question, <= ~50 tokens) lies in the positions where the starting
+model finds every fact, so its chunk answer is right whenever the question names a key of the
+chunk (measured: all of them, against 39% with 40-72-token chunks)."""
 NUM_QUESTIONS = 3
 """Questions the model writes per chunk (datagen ``instructions.num_questions``)."""
 KEEP_PER_CHUNK = 2
