@@ -131,6 +131,16 @@ def tokenizer_corpus(recipe: Recipe) -> list[str]:
     )
 
 
+def extra_specials_key(tok: Any) -> str:
+    """The tokenizer's list of extra special tokens: ``additional_special_tokens`` before
+    transformers 5, ``extra_special_tokens`` from 5 on (the old name is gone there)."""
+    try:
+        getattr(tok, "additional_special_tokens")
+        return "additional_special_tokens"
+    except AttributeError:
+        return "extra_special_tokens"
+
+
 def build_tokenizer(path: Path, recipe: Recipe) -> Any:
     """Train, pad to a multiple of 64 with reserved specials, check the single-token rule."""
     from transformers import AutoTokenizer
@@ -142,10 +152,9 @@ def build_tokenizer(path: Path, recipe: Recipe) -> Any:
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     extra = -len(tok) % 64
     if extra:
-        tok.add_special_tokens(
-            {"additional_special_tokens": [*tok.additional_special_tokens,
-                                           *(RESERVED.format(i) for i in range(extra))]}
-        )  # fmt: skip
+        key = extra_specials_key(tok)
+        current = list(getattr(tok, key))
+        tok.add_special_tokens({key: [*current, *(RESERVED.format(i) for i in range(extra))]})
         tok.save_pretrained(str(path))
     words = [f" {k}" for k in LOOKUP_KEYS] + [f" {v}" for v in world.all_values()]
     split = [w for w in words if len(tok.encode(w, add_special_tokens=False)) != 1]
