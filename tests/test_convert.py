@@ -99,6 +99,11 @@ def save_tokenizer(path: Path) -> None:
     fast.save_pretrained(path)
 
 
+def theta_of(hf: dict) -> float:
+    """RoPE θ of an HF config dict: top level before transformers 5, in rope_parameters after."""
+    return hf["rope_theta"] if "rope_theta" in hf else hf["rope_parameters"]["rope_theta"]
+
+
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens).logits.float()
@@ -162,7 +167,7 @@ def test_mapping_matches_reference_impl_and_inverts(family):
 def test_config_roundtrip_loads_in_transformers(family):
     hf = hf_config(family).to_dict()
     m = model_config_from_hf(hf, rotary_base=1e7)
-    assert m.reference_rotary_base == hf["rope_theta"] and m.rotary_base == 1e7
+    assert m.reference_rotary_base == theta_of(hf) and m.rotary_base == 1e7
     assert m.add_qkv_bias == (family == "qwen2") and m.tie_word_embeddings == (family == "qwen2")
     out = hf_config_from_model(m, template=hf)
     assert out["rope_theta"] == 1e7 and out["bos_token_id"] == V - 2
@@ -180,7 +185,11 @@ def test_unsupported_configs_are_named():
     llama = hf_config("llama").to_dict()
     with pytest.raises(ConversionError, match="attention_bias"):
         model_config_from_hf({**llama, "attention_bias": True})
-    scaled = {**llama, "rope_scaling": {"rope_type": "dynamic", "factor": 8.0}}
+    dynamic = {"rope_type": "dynamic", "factor": 8.0}
+    if "rope_parameters" in llama:  # transformers >= 5 reads the scaling from there
+        scaled = {**llama, "rope_parameters": {**llama["rope_parameters"], **dynamic}}
+    else:
+        scaled = {**llama, "rope_scaling": dynamic}
     with pytest.raises(ConversionError, match="rope_type='dynamic' is not modelled"):
         model_config_from_hf(scaled, allow_unmodelled=True)  # never converted as plain RoPE
     windowed = {**hf_config("mistral").to_dict(), "sliding_window": 64}
@@ -298,10 +307,12 @@ def test_export_loads_in_transformers_with_same_logits(converted, family, tmp_pa
     sd = model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in c["state"].items())
     assert rel_err(hf_logits(model.float().eval(), TOKENS), c["logits"]) <= TOL
-    tok = transformers.AutoTokenizer.from_pretrained(out)
+    # the class the template was saved with: transformers 5's AutoTokenizer would pick one by
+    # model_type (Qwen2Tokenizer), which rebuilds this toy word-level vocabulary as BPE
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(out)
     assert tok("w1 w2")["input_ids"] == [1, 2] and tok.eos_token == "</s>"
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["rope_theta"] == hf_config(family).rope_theta
+    assert cfg["rope_theta"] == theta_of(hf_config(family).to_dict())
     assert (out / "generation_config.json").is_file()
 
 

@@ -134,11 +134,8 @@ def tokenizer_corpus(recipe: Recipe) -> list[str]:
 def extra_specials_key(tok: Any) -> str:
     """The tokenizer's list of extra special tokens: ``additional_special_tokens`` before
     transformers 5, ``extra_special_tokens`` from 5 on (the old name is gone there)."""
-    try:
-        getattr(tok, "additional_special_tokens")
-        return "additional_special_tokens"
-    except AttributeError:
-        return "extra_special_tokens"
+    old = "additional_special_tokens"
+    return old if hasattr(tok, old) else "extra_special_tokens"
 
 
 def build_tokenizer(path: Path, recipe: Recipe) -> Any:
