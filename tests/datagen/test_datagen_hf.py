@@ -166,3 +166,7 @@ def test_rope_overrides_go_into_rope_parameters_on_transformers_5() -> None:
     apply_config_overrides(config, {"rope_theta": 1e6, "rope_scaling": scaling}, "m")
     assert config.rope_parameters == {"rope_theta": 1e6, "rope_type": "yarn", "factor": 8.0}
     assert not hasattr(config, "rope_theta")
+    apply_config_overrides(config, {"rope_scaling": None}, "m")
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1e6}
+    with pytest.raises(UserError, match=r"rope_scaling=8: must be a mapping"):
+        apply_config_overrides(config, {"rope_scaling": 8}, "m")

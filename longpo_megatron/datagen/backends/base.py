@@ -112,7 +112,7 @@ def apply_config_overrides(config: Any, overrides: Any, model: str) -> None:
     rope = getattr(config, "rope_parameters", None)
     for key, value in _plain(overrides or {}).items():
         if key in _ROPE_KEYS and isinstance(rope, dict):
-            rope.update({"rope_theta": float(value)} if key == "rope_theta" else dict(value))
+            _set_rope(rope, key, value, model)
         elif hasattr(config, key):
             setattr(config, key, value)
         else:
@@ -121,6 +121,23 @@ def apply_config_overrides(config: Any, overrides: Any, model: str) -> None:
                 f"field {key!r}, so the model would ignore the override (set it in the "
                 "model's config.json, or override a field the config has)"
             )
+
+
+def _set_rope(rope: dict, key: str, value: Any, model: str) -> None:
+    """One RoPE override written into a transformers-5 ``rope_parameters`` dict (in place)."""
+    where = f"backend.config_overrides.{key}"
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise UserError(f"{where}: {model} has per-layer-type rope_parameters; edit config.json")
+    if key == "rope_theta":
+        rope["rope_theta"] = float(value)
+    elif value is None:  # no scaling: plain RoPE at the current θ
+        theta = rope.get("rope_theta")
+        rope.clear()
+        rope.update(rope_type="default", rope_theta=theta)
+    elif isinstance(value, dict):
+        rope.update(value)
+    else:
+        raise UserError(f"{where}={value!r}: must be a mapping (rope_type, factor, ...) or null")
 
 
 class HFTokenizerMixin:
