@@ -136,9 +136,10 @@ def _export_loads_and_runs(path: Path, theta: float) -> None:
     assert config["rope_theta"] == pytest.approx(theta)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "hello"}], add_generation_prompt=True
-    )
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+    )  # text, then ids: transformers 5 returns a BatchEncoding when it tokenizes here
+    ids = tok.encode(text, add_special_tokens=False)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), config["vocab_size"]) and torch.isfinite(logits).all()
