@@ -93,24 +93,17 @@ _ROPE_KEYS = ("rope_theta", "rope_scaling")
 """Keys that transformers >= 5 keeps inside the config's one ``rope_parameters`` dict."""
 
 
-def _plain(value: Any) -> Any:
-    """A Hydra container (or anything dict-like) as plain dicts, so configs can hold it."""
-    if hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
-
-
-def apply_config_overrides(config: Any, overrides: Any, model: str) -> None:
+def apply_config_overrides(config: Any, overrides: dict[str, Any], model: str) -> None:
     """Set ``backend.config_overrides`` on a loaded HF ``config``, refusing any it would ignore.
 
     ``AutoConfig.from_pretrained(**overrides)`` silently drops keys the config class does not
     define (e.g. ``rope_scaling`` on a Mistral config), and transformers 5 also drops
     ``rope_theta``, which moved into ``rope_parameters``: the model would run at its stored θ.
     Here the RoPE keys go where the installed transformers reads them, and any other key must
-    be a field of the config.
+    be a field of the config. ``overrides`` is plain data (``config.to_typed`` made it so).
     """
     rope = getattr(config, "rope_parameters", None)
-    for key, value in _plain(overrides or {}).items():
+    for key, value in overrides.items():
         if key in _ROPE_KEYS and isinstance(rope, dict):
             _set_rope(rope, key, value, model)
         elif hasattr(config, key):
